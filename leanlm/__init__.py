@@ -1,0 +1,27 @@
+"""leanlm: make language models cheaper and faster to serve, on a laptop CPU as well as a GPU.
+
+Public API::
+
+    model, tok = leanlm.load("smollm2-135m")          # built-in name, HF folder, or a leanlm output
+    leanlm.quantize(model, "w4a16_rtn")               # preset, recipe file, dict or Recipe
+    result = leanlm.evaluate(model, tok, data="wiki", max_tokens=8192, speed=True)
+    leanlm.save(model, tok, "out/smollm2-w4")         # atomic; load() restores it quantized
+"""
+
+from .data import calibration_batches, documents, eval_tokens, split_text
+from .errors import LeanLMError
+from .eval import evaluate, measure_speed, model_size, perplexity
+from .eval.report import format_table, load_results, write_report
+from .models import BUILTIN_MODELS, DEFAULT_MODEL, convert_gguf, list_models, load, prepare, save
+from .quant.api import quantize
+from .quant.formats import QuantSpec
+from .quant.recipes import PRESETS, Recipe, get_recipe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BUILTIN_MODELS", "DEFAULT_MODEL", "LeanLMError", "PRESETS", "QuantSpec", "Recipe",
+    "calibration_batches", "convert_gguf", "documents", "eval_tokens", "evaluate", "format_table",
+    "get_recipe", "list_models", "load", "load_results", "measure_speed", "model_size", "perplexity",
+    "prepare", "quantize", "save", "split_text", "write_report",
+]

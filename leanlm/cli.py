@@ -1,0 +1,207 @@
+"""The `leanlm` command: a thin layer over the public API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import LeanLMError
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} must be at least 1")
+    return n
+
+
+def cmd_models(args) -> None:
+    from .models import list_models
+
+    for m in list_models():
+        state = "converted" if m["converted"] else ("installed" if m["installed"] else "missing package")
+        print(f"{m['name']:<14} {state:<16} {m['description']} [{m['license']}]")
+
+
+def cmd_prepare(args) -> None:
+    from .models import prepare
+
+    for name in args.names:
+        t = time.perf_counter()
+        path = prepare(name)
+        print(f"{name}: {path} ({time.perf_counter() - t:.1f}s)")
+
+
+def cmd_convert(args) -> None:
+    from .models import convert_gguf
+
+    out = convert_gguf(args.gguf, args.out, overwrite=args.overwrite)
+    print(f"converted {args.gguf} -> {out}")
+
+
+def _write_json(path: str, data) -> None:
+    from .atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def cmd_eval(args) -> None:
+    from .eval import evaluate
+    from .eval.report import format_table
+    from .data import documents
+    from .models import load
+
+    documents(args.data)  # a bad data source fails before the model loads
+    model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
+    result = evaluate(model, tok, data=args.data, max_tokens=args.max_tokens, window=args.window,
+                      stride=args.stride, speed=args.speed, name=args.name or str(args.model))
+    print(format_table([result]))
+    if args.json:
+        _write_json(args.json, result)
+        print(f"wrote {args.json}")
+
+
+def cmd_quantize(args) -> None:
+    from .data import calibration_batches, documents
+    from .eval import evaluate
+    from .eval.report import format_table
+    from .models import load, save
+    from .quant.api import quantize
+    from .quant.recipes import get_recipe
+
+    recipe = get_recipe(args.recipe)  # fail on a bad recipe or data before loading anything
+    for source in filter(None, (args.calib, args.eval_tokens and args.eval_data)):
+        documents(source)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise LeanLMError(f"output '{out}' already exists: choose another --out or pass --overwrite")
+    model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
+    calib = None
+    if args.calib:
+        calib = calibration_batches(tok, args.calib, args.calib_samples, args.seq_len, model=model)
+    t = time.perf_counter()
+    quantize(model, recipe, calib=calib)
+    seconds = time.perf_counter() - t
+    save(model, tok, out, overwrite=args.overwrite)
+    print(f"quantized {args.model} with {recipe.name} in {seconds:.1f}s -> {out}")
+    if args.eval_tokens:
+        result = evaluate(model, tok, data=args.eval_data, max_tokens=args.eval_tokens, name=recipe.name)
+        result["calibration_seconds"] = seconds
+        print(format_table([result]))
+        _write_json(str(out / "eval.json"), result)
+
+
+def cmd_recipes(args) -> None:
+    from .quant.recipes import PRESETS
+
+    for r in PRESETS.values():
+        print(f"{r.name:<16} {r.description}")
+
+
+def cmd_compare(args) -> None:
+    from .eval.report import format_table, load_results, write_report
+
+    try:
+        results = load_results(args.results)
+    except ValueError as e:
+        raise LeanLMError(str(e)) from None
+    print(format_table(results))
+    if args.out:
+        paths = write_report(results, args.out)
+        print(f"report: {paths['html']}")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(model=args.model, data=args.data, max_tokens=args.max_tokens, speed=not args.no_speed, out=args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="leanlm", description="Make language models cheaper and faster to serve.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def model_args(sp):
+        sp.add_argument("model", help="built-in name (smollm2-135m, gemma3-270m) or a local HF model folder")
+        sp.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
+
+    s = sub.add_parser("models", help="list built-in models")
+    s.set_defaults(fn=cmd_models)
+
+    s = sub.add_parser("prepare", help="convert built-in models to float safetensors once (cached)")
+    s.add_argument("names", nargs="+")
+    s.set_defaults(fn=cmd_prepare)
+
+    s = sub.add_parser("convert", help="convert a GGUF file to a float safetensors HF folder")
+    s.add_argument("gguf")
+    s.add_argument("out")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_convert)
+
+    s = sub.add_parser("eval", help="perplexity, size and (with --speed) speed of a model")
+    model_args(s)
+    s.add_argument("--data", default="wiki", help="wiki, news, pydoc, or a .txt/.jsonl file (default wiki)")
+    s.add_argument("--max-tokens", type=_positive, default=8192, help="evaluation tokens (default 8192)")
+    s.add_argument("--window", type=_positive, default=None,
+                   help="tokens per window (default 512, or the model's context if shorter)")
+    s.add_argument("--stride", type=_positive, default=None, help="window stride (default: the window)")
+    s.add_argument("--speed", action="store_true", help="also measure prefill/decode tokens/s and peak RSS")
+    s.add_argument("--name", help="label for the result")
+    s.add_argument("--json", help="write the result as JSON to this file")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("quantize", help="quantize a model with a recipe and save it")
+    model_args(s)
+    s.add_argument("--recipe", required=True, help="preset name (see `leanlm recipes`) or a YAML/JSON file")
+    s.add_argument("--out", required=True)
+    s.add_argument("--calib", default=None, help="calibration data: wiki, news, pydoc or a file")
+    s.add_argument("--calib-samples", type=_positive, default=128)
+    s.add_argument("--seq-len", type=_positive, default=512)
+    s.add_argument("--eval-tokens", type=int, default=0, help="evaluate after quantizing (writes OUT/eval.json)")
+    s.add_argument("--eval-data", default="wiki")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_quantize)
+
+    s = sub.add_parser("recipes", help="list quantization recipe presets")
+    s.set_defaults(fn=cmd_recipes)
+
+    s = sub.add_parser("compare", help="tabulate result JSON files and write a report")
+    s.add_argument("results", nargs="+")
+    s.add_argument("--out", help="folder for report.json/.md/.html")
+    s.set_defaults(fn=cmd_compare)
+
+    s = sub.add_parser("demo", help="float vs INT8 vs INT4 weight-only on the default model, with a report")
+    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--data", default="wiki")
+    s.add_argument("--max-tokens", type=_positive, default=8192)
+    s.add_argument("--no-speed", action="store_true")
+    s.add_argument("--out", default="demo-report")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except LeanLMError as e:
+        print(f"leanlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("leanlm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

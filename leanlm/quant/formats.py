@@ -1,0 +1,281 @@
+"""Number formats and one set of quantize/dequantize primitives for every granularity.
+
+A tensor is quantized in blocks along its last dimension. The block size picks the granularity:
+``0`` one block for the whole tensor (per-tensor), ``-1`` one block per row (per-channel for
+weights, per-token for activations), ``k > 0`` groups of ``k`` values (padded with zeros when
+the last dimension is not a multiple of ``k``, so any shape works).
+
+Each block has a scale (and, for asymmetric integer formats, a zero point). Scales are stored
+in fp32, or quantized themselves to E4M3 (NVFP4, with a second fp32 per-tensor scale) or to
+E8M0 powers of two (OCP microscaling, MXFP4/MXFP8).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..errors import LeanLMError
+
+E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E4M3_MAX = 448.0
+E5M2_MAX = 57344.0
+
+
+@dataclass(frozen=True)
+class ElementFormat:
+    """How one value is stored: an integer of `bits` bits or a minifloat."""
+
+    name: str
+    kind: str  # "int" or "float"
+    bits: int
+    max: float  # largest magnitude representable (for int: the largest positive code)
+    emax: int = 0  # floor(log2(max)): exponent of the largest power of two <= `max` (used by E8M0 scales)
+
+
+ELEMENTS = {
+    "int8": ElementFormat("int8", "int", 8, 127.0, emax=6),
+    "int4": ElementFormat("int4", "int", 4, 7.0, emax=2),
+    "int2": ElementFormat("int2", "int", 2, 1.0, emax=0),
+    "fp8_e4m3": ElementFormat("fp8_e4m3", "float", 8, E4M3_MAX, emax=8),
+    "fp8_e5m2": ElementFormat("fp8_e5m2", "float", 8, E5M2_MAX, emax=15),
+    "fp4_e2m1": ElementFormat("fp4_e2m1", "float", 4, 6.0, emax=2),
+}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized: element format, block size, scale format, symmetry, dynamism."""
+
+    format: str
+    block_size: int = -1  # 0: per-tensor, -1: per-row, k>0: groups of k along the last dim
+    symmetric: bool = True
+    scale_format: str = "fp32"  # "fp32", "e4m3" (with an fp32 per-tensor scale) or "e8m0"
+    dynamic: bool = False  # activations: scales computed on every call instead of calibrated
+
+    def __post_init__(self):
+        if self.format not in ELEMENTS:
+            raise LeanLMError(f"unknown number format '{self.format}': use one of {', '.join(ELEMENTS)}")
+        if self.scale_format not in ("fp32", "e4m3", "e8m0"):
+            raise LeanLMError(f"unknown scale format '{self.scale_format}': use fp32, e4m3 or e8m0")
+        if not isinstance(self.block_size, int) or self.block_size < -1:
+            raise LeanLMError(f"block_size {self.block_size!r} is invalid: use 0 (tensor), -1 (row) or a group size > 0")
+        if not self.symmetric and self.element.kind != "int":
+            raise LeanLMError(f"asymmetric quantization needs an integer format, not '{self.format}'")
+        if self.scale_format != "fp32" and self.block_size <= 0:
+            raise LeanLMError(f"scale format '{self.scale_format}' needs a block size > 0 (e.g. 16 or 32)")
+
+    @property
+    def element(self) -> ElementFormat:
+        return ELEMENTS[self.format]
+
+    @property
+    def bits(self) -> int:
+        return self.element.bits
+
+    def with_(self, **changes) -> "QuantSpec":
+        return replace(self, **changes)
+
+
+# Named specs that recipes and users refer to.
+NAMED_SPECS = {
+    "int8": QuantSpec("int8"),
+    "int4": QuantSpec("int4", block_size=128),
+    "fp8": QuantSpec("fp8_e4m3", block_size=0),
+    "nvfp4": QuantSpec("fp4_e2m1", block_size=16, scale_format="e4m3"),
+    "mxfp4": QuantSpec("fp4_e2m1", block_size=32, scale_format="e8m0"),
+    "mxfp8": QuantSpec("fp8_e4m3", block_size=32, scale_format="e8m0"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounding to a format's grid
+
+
+def round_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest FP4 E2M1 value (ties to even mantissa), saturating at +-6."""
+    grid = torch.tensor(E2M1_GRID, dtype=x.dtype, device=x.device)
+    mid = (grid[1:] + grid[:-1]) / 2
+    mag = x.abs().clamp(max=6.0)
+    idx = torch.bucketize(mag, mid)  # x on a midpoint maps to the lower neighbour
+    tie = (idx < len(mid)) & (mag == mid[idx.clamp(max=len(mid) - 1)])
+    idx = idx + (tie & (idx % 2 == 1)).to(idx.dtype)  # even index = even mantissa
+    return torch.sign(x) * grid[idx]
+
+
+def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (sign << 3 | grid index) of values already on the E2M1 grid."""
+    grid = torch.tensor(E2M1_GRID, dtype=x.dtype, device=x.device)
+    idx = torch.searchsorted(grid, x.abs())
+    return ((x < 0).to(torch.uint8) << 3) | idx.to(torch.uint8)
+
+
+def e2m1_from_codes(codes: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    grid = torch.tensor(E2M1_GRID, dtype=dtype, device=codes.device)
+    vals = grid[(codes & 7).long()]
+    return torch.where((codes >> 3) & 1 == 1, -vals, vals)
+
+
+def round_to_format(x: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
+    """Round scaled values onto the format's representable grid (float32 in, float32 out)."""
+    if fmt.kind == "int":
+        return torch.round(x).clamp(-fmt.max - 1, fmt.max)
+    if fmt.name == "fp4_e2m1":
+        return round_e2m1(x)
+    dtype = torch.float8_e4m3fn if fmt.name == "fp8_e4m3" else torch.float8_e5m2
+    return x.clamp(-fmt.max, fmt.max).to(dtype).to(x.dtype)
+
+
+def round_scale_e4m3(s: torch.Tensor) -> torch.Tensor:
+    return s.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+
+
+def round_scale_e8m0(amax: torch.Tensor, emax: int) -> torch.Tensor:
+    """OCP MX shared scale: 2^(floor(log2(amax)) - emax), clamped to E8M0's range."""
+    exp = torch.floor(torch.log2(amax.clamp(min=2.0**-127))) - emax
+    return torch.exp2(exp.clamp(-127, 127))
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocking
+
+
+def to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """View `x` as [..., n_blocks, block] along its last dim, zero-padding a partial last block."""
+    if block_size == 0:
+        return x.reshape(1, -1)
+    k = x.shape[-1]
+    b = k if block_size == -1 else block_size
+    pad = (-k) % b
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], -1, b)
+
+
+def from_blocks(xb: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    k = shape[-1]
+    flat = xb.reshape(*shape[:-1], -1) if len(shape) > 0 else xb.reshape(-1)
+    return flat[..., :k].reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scales
+
+
+@dataclass
+class QParams:
+    """Quantization parameters of one tensor: per-block scales, zero points, and a global scale."""
+
+    scale: torch.Tensor  # [..., n_blocks, 1]
+    zero: torch.Tensor | None = None  # integer zero points, same shape as scale (asymmetric only)
+    global_scale: torch.Tensor | None = None  # fp32 scalar (scale_format "e4m3")
+
+
+def compute_qparams(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None = None,
+                    amin: torch.Tensor | None = None) -> QParams:
+    """Scales (and zero points) that map each block's range onto the format's range.
+
+    `amax`/`amin` override the observed block ranges (calibration and clipping searches pass them);
+    their shape must broadcast against [..., n_blocks, 1].
+    """
+    fmt = spec.element
+    xb = to_blocks(x.detach().float(), spec.block_size)
+    if spec.symmetric:
+        if amax is None:
+            amax = xb.abs().amax(dim=-1, keepdim=True)
+        amax = amax.float()
+        if spec.scale_format == "e8m0":
+            return QParams(round_scale_e8m0(amax, fmt.emax))
+        scale = amax / fmt.max
+        if spec.scale_format == "e4m3":
+            # Two levels (NVFP4): an fp32 tensor scale maps the largest block scale onto E4M3's range.
+            gscale = (scale.amax() / E4M3_MAX).clamp(min=1e-12)
+            # Floor at E4M3's smallest subnormal (2^-9): a zero (or underflowing) block must not get a 0 scale.
+            bscale = round_scale_e4m3((scale / gscale).clamp(min=2.0**-9))
+            return QParams(bscale, global_scale=gscale)
+        return QParams(torch.where(scale > 0, scale, torch.ones_like(scale)))
+    # Asymmetric integer: codes in [0, 2^bits - 1] with an integer zero point.
+    lo = xb.amin(dim=-1, keepdim=True) if amin is None else amin.float()
+    hi = xb.amax(dim=-1, keepdim=True) if amax is None else amax.float()
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # keep 0 exactly representable (padding, ReLU zeros)
+    qmax = 2**fmt.bits - 1
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-lo / scale).clamp(0, qmax)
+    return QParams(scale, zero=zero)
+
+
+def effective_scale(qp: QParams) -> torch.Tensor:
+    return qp.scale if qp.global_scale is None else qp.scale * qp.global_scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantize / dequantize
+
+
+def quantize_blocks(x: torch.Tensor, spec: QuantSpec, qp: QParams) -> torch.Tensor:
+    """Values on the format's grid (float32, still blocked): integer codes or minifloat values."""
+    xb = to_blocks(x.float(), spec.block_size)
+    s = effective_scale(qp)
+    if spec.symmetric:
+        return round_to_format(xb / s, spec.element)
+    qmax = 2**spec.element.bits - 1
+    return torch.round(xb / s + qp.zero).clamp(0, qmax)
+
+
+def dequantize_blocks(q: torch.Tensor, spec: QuantSpec, qp: QParams, shape: torch.Size) -> torch.Tensor:
+    s = effective_scale(qp)
+    xb = q * s if spec.symmetric else (q - qp.zero) * s
+    return from_blocks(xb, shape)
+
+
+def quant_dequant(x: torch.Tensor, spec: QuantSpec, qp: QParams | None = None) -> torch.Tensor:
+    """Round trip through the format (no gradient semantics; see `fake_quantize`)."""
+    qp = qp or compute_qparams(x, spec)
+    return dequantize_blocks(quantize_blocks(x, spec, qp), spec, qp, x.shape).to(x.dtype)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Straight-through estimator: quantized forward, identity gradient inside the clipping range."""
+
+    @staticmethod
+    def forward(ctx, x, spec, qp):
+        y = quant_dequant(x, spec, qp)
+        if spec.symmetric:
+            xb = to_blocks(x.detach().float(), spec.block_size)
+            # |x| / max <= s rather than |x| <= s * max: s = amax / max, and s * max can round below amax.
+            inside = xb.abs() / spec.element.max <= effective_scale(qp)
+        else:
+            # Codes outside [0, qmax] by more than rounding (half a step) are clipped.
+            xb = to_blocks(x.detach().float(), spec.block_size)
+            code = xb / effective_scale(qp) + qp.zero
+            inside = (code >= -0.5) & (code <= 2**spec.element.bits - 0.5)
+        ctx.save_for_backward(from_blocks(inside, x.shape))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec, qp: QParams | None = None) -> torch.Tensor:
+    """Quantize-dequantize with straight-through gradients (for calibration-free forward and QAT)."""
+    qp = qp or compute_qparams(x, spec)
+    return _FakeQuantSTE.apply(x, spec, qp)
+
+
+def storage_bits(spec: QuantSpec, shape: torch.Size) -> int:
+    """Bits needed to store a tensor of `shape` in `spec`: codes plus scales (and zero points)."""
+    numel = math.prod(shape)
+    if spec.block_size == 0:
+        n_blocks = 1
+    else:
+        b = shape[-1] if spec.block_size == -1 else spec.block_size
+        n_blocks = math.prod(shape[:-1]) * math.ceil(shape[-1] / b)
+    scale_bits = {"fp32": 32, "e4m3": 8, "e8m0": 8}[spec.scale_format]
+    zero_bits = 0 if spec.symmetric else 8
+    global_bits = 32 if spec.scale_format == "e4m3" else 0  # NVFP4's fp32 per-tensor scale
+    return numel * spec.bits + n_blocks * (scale_bits + zero_bits) + global_bits

@@ -1,0 +1,97 @@
+"""Save and restore quantized models: safetensors codes and scales plus a JSON description of each layer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from ..errors import LeanLMError
+from .formats import QuantSpec
+from .linear import QuantLinear
+from .recipes import recipe_from_dict
+
+STATE_FILE = "leanlm_quant.json"
+FORMAT_VERSION = 1
+
+
+def _spec(d):
+    return None if d is None else QuantSpec(**d)
+
+
+def save_quant_state(model: nn.Module, out: Path) -> Path | None:
+    """Write config, weights and quantization state into `out`; None (nothing written) for a float model."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        return None
+    for q in layers.values():
+        q.freeze()
+    model.config.save_pretrained(out)
+    save_model(model, str(out / "model.safetensors"))
+    recipe = getattr(model, "leanlm_recipe", None)
+    state = {
+        "format_version": FORMAT_VERSION,
+        "recipe": None if recipe is None else recipe.to_dict(),
+        "layers": {n: {"weight": None if q.weight_spec is None else asdict(q.weight_spec),
+                       "input": None if q.input_spec is None else asdict(q.input_spec)}
+                   for n, q in layers.items()},
+    }
+    path = out / STATE_FILE
+    path.write_text(json.dumps(state, indent=2))
+    return path
+
+
+def load_quantized(path: Path, dtype=torch.float32, trust_remote_code: bool = False) -> nn.Module:
+    """Rebuild a model saved by `save_quant_state` without recalibrating."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        if state.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format_version {state.get('format_version')} (expected {FORMAT_VERSION})")
+        layer_specs = {n: (_spec(d["weight"]), _spec(d["input"])) for n, d in state["layers"].items()}
+    except (ValueError, KeyError, TypeError) as e:
+        raise LeanLMError(f"'{path / STATE_FILE}' is unreadable ({e}): re-run `leanlm quantize`") from None
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    for name, (wspec, ispec) in layer_specs.items():
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise LeanLMError(f"'{path}' names layer '{name}' that the model config does not have: re-run quantize") from None
+        q = QuantLinear.from_linear(lin, wspec, ispec)
+        if ispec is not None and not ispec.dynamic:
+            q.input_amax = torch.zeros(1)  # real shape comes from the state dict
+        if wspec is not None:
+            q.allocate_frozen(dtype)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, q)
+    _resize_buffers_to_file(model, path / "model.safetensors")
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise LeanLMError(f"'{path}' does not match its quantization state (missing {missing[:2]}, "
+                          f"unexpected {unexpected[:2]}): re-run `leanlm quantize`")
+    if state.get("recipe"):
+        model.leanlm_recipe = recipe_from_dict(state["recipe"], state["recipe"].get("name", "saved"))
+    return model
+
+
+def _resize_buffers_to_file(model: nn.Module, file: Path) -> None:
+    """Give placeholder buffers the shapes and dtypes stored in the file (load_model copies in place)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        stored_names = set(f.keys())
+        for name, _ in list(model.named_buffers()):
+            if name not in stored_names:
+                continue
+            stored = f.get_tensor(name)
+            owner, _, attr = name.rpartition(".")
+            mod = model.get_submodule(owner)
+            buf = mod._buffers[attr]
+            if buf is None or buf.shape != stored.shape or buf.dtype != stored.dtype:
+                mod._buffers[attr] = torch.empty_like(stored)

@@ -1,0 +1,68 @@
+"""The CLI: clear one-line errors with exit status 2, and the commands on tiny inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from leanlm.cli import main
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0] == err[-1], err
+    assert err[-1].startswith("leanlm: error: ")
+    return err[-1]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["eval", "no-such-model"], "neither a built-in name"),
+    (["quantize", "smollm2-135m", "--recipe", "int5", "--out", "x"], "unknown recipe 'int5'"),
+    (["convert", "missing.gguf", "out"], "does not exist"),
+    (["compare", "missing.json"], "missing.json"),
+])
+def test_bad_input_exits_2_with_one_line(argv, match, capsys):
+    assert main(argv) == 2
+    assert match in _error_line(capsys)
+
+
+def test_not_a_model_folder(tmp_path, capsys):
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "no config.json" in _error_line(capsys)
+
+
+def test_non_utf8_data_file(tmp_path, tiny_model_dir, capsys):
+    f = tmp_path / "latin1.txt"
+    f.write_bytes(b"d\xe9j\xe0 vu\n\n" * 50)
+    assert main(["eval", str(tiny_model_dir), "--data", str(f), "--max-tokens", "16"]) == 2
+    assert "not UTF-8" in _error_line(capsys)
+
+
+def test_window_beyond_context(tiny_model_dir, capsys):
+    assert main(["eval", str(tiny_model_dir), "--data", "news", "--max-tokens", "1024", "--window", "1024"]) == 2
+    assert "exceeds the model's context of 256" in _error_line(capsys)
+
+
+def test_eval_quantize_compare(tmp_path, tiny_model_dir, capsys):
+    res = tmp_path / "float.json"
+    assert main(["eval", str(tiny_model_dir), "--data", "news", "--max-tokens", "128", "--window", "64",
+                 "--json", str(res)]) == 0
+    result = json.loads(res.read_text())
+    assert result["scored_tokens"] == 127 and result["perplexity"] > 1
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_model_dir), "--recipe", "w8a16", "--out", str(out),
+                 "--eval-tokens", "128", "--eval-data", "news"]) == 0
+    assert (out / "leanlm_quant.json").is_file() and (out / "eval.json").is_file()
+    assert main(["quantize", str(tiny_model_dir), "--recipe", "w8a16", "--out", str(out)]) == 2
+    assert "already exists" in _error_line(capsys)
+    assert main(["compare", str(res), str(out / "eval.json"), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "report.html").is_file()
+
+
+def test_console_entry_point_runs():
+    r = subprocess.run([sys.executable, "-m", "leanlm.cli", "recipes"], capture_output=True, text=True, check=True)
+    assert "w4a16_rtn" in r.stdout
