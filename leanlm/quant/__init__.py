@@ -1,0 +1,1 @@
+"""Quantization: formats, quantizers, recipes, calibration, and save/restore."""
