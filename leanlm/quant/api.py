@@ -1,4 +1,4 @@
-"""`quantize(model, recipe, calib=...)`: attach quantizers by recipe, calibrate, freeze."""
+"""`quantize(model, recipe, calib=...)`: attach quantizers by recipe, calibrate layer by layer, freeze."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LeanLMError
+from .kv import attach_kv_quantizers
 from .linear import QuantLinear
 from .recipes import Recipe, get_recipe
+
+CALIB_BATCH = 8  # calibration samples per forward: big enough to keep the matmuls efficient
 
 
 def attach_quantizers(model: nn.Module, recipe: Recipe) -> dict[str, QuantLinear]:
@@ -31,49 +34,12 @@ def attach_quantizers(model: nn.Module, recipe: Recipe) -> dict[str, QuantLinear
     return selected
 
 
-@torch.no_grad()
-def calibrate_inputs(model: nn.Module, layers: dict[str, QuantLinear], forward_loop: Callable[[nn.Module], None]):
-    """Max calibration of static input quantizers: run `forward_loop(model)` and record input ranges."""
-    static = {n: q for n, q in layers.items() if q.input_spec is not None and not q.input_spec.dynamic}
-    if not static:
-        return
-    from .formats import to_blocks
-
-    amax: dict[str, torch.Tensor] = {}
-
-    def hook(name, spec):
-        def fn(mod, args):
-            # Static scales cannot follow tokens: reduce over all rows, one range per block position.
-            x = args[0].detach().float()
-            xb = to_blocks(x.reshape(-1, x.shape[-1]), spec.block_size).abs()
-            cur = xb.amax(dim=-1, keepdim=True).amax(dim=0)
-            amax[name] = cur if name not in amax else torch.maximum(amax[name], cur)
-        return fn
-
-    saved = {n: q.input_spec for n, q in static.items()}
-    handles = [q.register_forward_pre_hook(hook(n, q.input_spec)) for n, q in static.items()]
-    try:
-        for q in static.values():
-            q.input_spec = None  # observe float inputs
-        forward_loop(model)
-    finally:
-        for h in handles:
-            h.remove()
-        for n, q in static.items():
-            q.input_spec = saved[n]
-    missing = [n for n in static if n not in amax]
-    if missing:
-        raise LeanLMError(f"calibration never reached layer '{missing[0]}': make forward_loop run the whole model")
-    for n, q in static.items():
-        q.input_amax = amax[n]
-
-
-def forward_loop_from_batches(batches: torch.Tensor, progress: bool = True) -> Callable[[nn.Module], None]:
-    """A forward_loop that runs the model over calibration token batches [N, L], one sample at a time."""
+def forward_loop_from_batches(batches: torch.Tensor, batch_size: int = CALIB_BATCH) -> Callable[[nn.Module], None]:
+    """A forward_loop that runs the model over calibration token batches [N, L]."""
 
     def loop(model: nn.Module) -> None:
-        for ids in tqdm(batches, desc="calibrating", disable=not progress, unit="sample"):
-            model(ids.unsqueeze(0), use_cache=False)
+        for i in range(0, len(batches), batch_size):
+            model(batches[i:i + batch_size], use_cache=False)
 
     return loop
 
@@ -81,21 +47,37 @@ def forward_loop_from_batches(batches: torch.Tensor, progress: bool = True) -> C
 def quantize(model: nn.Module, recipe, calib=None, progress: bool = True) -> nn.Module:
     """Quantize `model` in place by `recipe` (preset name, file, dict or Recipe) and return it.
 
-    `calib` is a `forward_loop(model)` callable or a LongTensor of calibration batches [N, L]; it is
-    needed only when the recipe has static (calibrated) activation quantizers.
+    `calib` is a `forward_loop(model)` callable or a LongTensor of calibration samples [N, L]; it is
+    needed when the recipe calibrates (AWQ, GPTQ, SmoothQuant, static activations, KV cache).
+    Calibration runs one decoder layer at a time on the outputs of the already-quantized layers.
     """
+    from .ptq import calibrate_layer
+    from .sequential import decoder_layers, run_layerwise
+
     recipe = get_recipe(recipe)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise LeanLMError("model is already quantized: load the float model again and quantize that")
+    if recipe.needs_data and calib is None:
+        raise LeanLMError(f"recipe '{recipe.name}' calibrates on data (algorithm {'+'.join(recipe.algorithm)}, "
+                          "static activation or KV ranges): pass calibration data (calib=..., CLI: --calib wiki)")
     layers = attach_quantizers(model, recipe)
-    needs_calib = any(q.input_spec is not None and not q.input_spec.dynamic for q in layers.values())
-    if needs_calib:
-        if calib is None:
-            raise LeanLMError(f"recipe '{recipe.name}' quantizes activations statically: pass calibration data "
-                              "(--calib wiki) or use dynamic activation scales")
-        loop = calib if callable(calib) else forward_loop_from_batches(calib, progress)
-        calibrate_inputs(model, layers, loop)
-    for q in tqdm(layers.values(), desc=f"quantizing ({recipe.name})", disable=not progress, unit="layer"):
-        q.freeze()
+    if recipe.kv_cache is not None:
+        attach_kv_quantizers(model, recipe.kv_cache)
     model.leanlm_recipe = recipe
+    if recipe.needs_data:
+        inside = {id(m) for m in decoder_layers(model).modules()}
+        outside = [n for n, q in layers.items() if id(q) not in inside]
+        if outside:
+            raise LeanLMError(f"layer '{outside[0]}' lies outside the decoder layers, where recipe '{recipe.name}' "
+                              "cannot calibrate: exclude it (exclude: [...]) or use a weight-only rtn recipe")
+        loop = calib if callable(calib) else forward_loop_from_batches(calib)
+        with torch.no_grad():
+            run_layerwise(model, loop, lambda layer, h, kw: calibrate_layer(layer, h, kw, recipe), progress)
+    else:
+        from .calib import search_clip
+
+        for q in tqdm(layers.values(), desc=f"quantizing ({recipe.name})", disable=not progress, unit="layer"):
+            if recipe.options["weight_calibration"] == "mse" and q.weight_spec is not None:
+                q.weight_qp = search_clip(q.weight, q.weight_spec)
+            q.freeze()
     return model

@@ -98,7 +98,7 @@ def round_e2m1(x: torch.Tensor) -> torch.Tensor:
     """Round to the nearest FP4 E2M1 value (ties to even mantissa), saturating at +-6."""
     grid = torch.tensor(E2M1_GRID, dtype=x.dtype, device=x.device)
     mid = (grid[1:] + grid[:-1]) / 2
-    mag = x.abs().clamp(max=6.0)
+    mag = x.abs().clamp(max=6.0).contiguous()
     idx = torch.bucketize(mag, mid)  # x on a midpoint maps to the lower neighbour
     tie = (idx < len(mid)) & (mag == mid[idx.clamp(max=len(mid) - 1)])
     idx = idx + (tie & (idx % 2 == 1)).to(idx.dtype)  # even index = even mantissa
@@ -174,11 +174,12 @@ class QParams:
 
 
 def compute_qparams(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None = None,
-                    amin: torch.Tensor | None = None) -> QParams:
+                    amin: torch.Tensor | None = None, global_amax: torch.Tensor | None = None) -> QParams:
     """Scales (and zero points) that map each block's range onto the format's range.
 
     `amax`/`amin` override the observed block ranges (calibration and clipping searches pass them);
-    their shape must broadcast against [..., n_blocks, 1].
+    their shape must broadcast against [..., n_blocks, 1]. `global_amax` fixes the range behind the
+    per-tensor scale of two-level formats (NVFP4) when `x` is only part of the tensor.
     """
     fmt = spec.element
     xb = to_blocks(x.detach().float(), spec.block_size)
@@ -191,7 +192,8 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None 
         scale = amax / fmt.max
         if spec.scale_format == "e4m3":
             # Two levels (NVFP4): an fp32 tensor scale maps the largest block scale onto E4M3's range.
-            gscale = (scale.amax() / E4M3_MAX).clamp(min=1e-12)
+            top = scale.amax() if global_amax is None else global_amax.float() / fmt.max
+            gscale = (top / E4M3_MAX).clamp(min=1e-12)
             # Floor at E4M3's smallest subnormal (2^-9): a zero (or underflowing) block must not get a 0 scale.
             bscale = round_scale_e4m3((scale / gscale).clamp(min=2.0**-9))
             return QParams(bscale, global_scale=gscale)
@@ -213,6 +215,14 @@ def effective_scale(qp: QParams) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # Quantize / dequantize
+
+
+def qdq_with(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor | None = None):
+    """Quantize-dequantize `x` with explicit (broadcastable) effective scales and zero points."""
+    if spec.symmetric:
+        return round_to_format(x / scale, spec.element) * scale
+    qmax = 2**spec.element.bits - 1
+    return (torch.round(x / scale + zero).clamp(0, qmax) - zero) * scale
 
 
 def quantize_blocks(x: torch.Tensor, spec: QuantSpec, qp: QParams) -> torch.Tensor:

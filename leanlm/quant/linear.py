@@ -1,10 +1,14 @@
-"""QuantLinear: an nn.Linear whose weight (and optionally input) goes through a quantizer.
+"""QuantLinear: an nn.Linear whose weight, input and output go through quantizers.
 
 Two states:
 - *fake*: the float weight is kept and fake-quantized on every forward, with straight-through
   gradients (calibration searches and QAT work here);
 - *frozen*: the weight lives only as compact codes and scales (what is saved and counted as the
   model's size); the forward dequantizes once and caches the float weight.
+
+`smooth` (SmoothQuant, AWQ) is a per-input-channel scale ``s``: the stored weight is ``W * s`` and the
+input is divided by ``s`` before it is quantized, so the product is unchanged in exact arithmetic
+while outlier channels move from the activations into the weights.
 """
 
 from __future__ import annotations
@@ -17,26 +21,34 @@ from ..errors import LeanLMError
 from .formats import QParams, QuantSpec, compute_qparams, dequantize_blocks, fake_quantize, quantize_blocks, to_blocks
 from .packing import decode_qparams, decode_values, encode_qparams, encode_values
 
+# Buffers whose shapes are only known after calibration; restored from the saved file as they are.
+CALIBRATED_BUFFERS = ("smooth", "input_amax", "output_amax")
+
 
 class QuantLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool,
-                 weight_spec: QuantSpec | None, input_spec: QuantSpec | None = None):
+    def __init__(self, in_features: int, out_features: int, bias: bool, weight_spec: QuantSpec | None,
+                 input_spec: QuantSpec | None = None, output_spec: QuantSpec | None = None):
         super().__init__()
-        if input_spec is not None and not input_spec.dynamic and not input_spec.symmetric:
-            raise LeanLMError("static asymmetric input quantization is not supported: "
-                              "make the input spec symmetric or dynamic")
+        for kind, spec in (("input", input_spec), ("output", output_spec)):
+            if spec is not None and not spec.dynamic and not spec.symmetric:
+                raise LeanLMError(f"static asymmetric {kind} quantization is not supported: "
+                                  f"make the {kind} spec symmetric or dynamic")
         self.in_features, self.out_features = in_features, out_features
-        self.weight_spec, self.input_spec = weight_spec, input_spec
+        self.weight_spec, self.input_spec, self.output_spec = weight_spec, input_spec, output_spec
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.weight_qp: QParams | None = None  # fixed by calibration; None = computed from the weight
-        self.register_buffer("input_amax", None)  # static input scale from calibration
+        self.weight_qp: QParams | None = None  # fixed by clipping search or GPTQ; None = from the weight
+        for name in CALIBRATED_BUFFERS:
+            self.register_buffer(name, None)
         self._dequant_cache: torch.Tensor | None = None
+        self.bypass = False  # plain float forward (capturing calibration inputs and statistics)
+        self.observers: dict | None = None  # {"input"/"output": RangeObserver} while calibrating ranges
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, weight_spec: QuantSpec | None,
-                    input_spec: QuantSpec | None = None) -> "QuantLinear":
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_spec, input_spec)
+    def from_linear(cls, linear: nn.Linear, weight_spec: QuantSpec | None, input_spec: QuantSpec | None = None,
+                    output_spec: QuantSpec | None = None) -> "QuantLinear":
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_spec, input_spec,
+                output_spec)
         q.weight = linear.weight
         q.bias = linear.bias
         return q
@@ -55,6 +67,15 @@ class QuantLinear(nn.Module):
                 self._dequant_cache = self._dequantize_frozen()
             return self._dequant_cache
         return fake_quantize(self.weight, self.weight_spec, self.weight_qp)
+
+    def apply_smooth(self, s: torch.Tensor) -> None:
+        """Multiply the weight's input channels by `s` (and divide inputs by it from now on)."""
+        if self.frozen:
+            raise RuntimeError("cannot smooth a frozen layer")
+        with torch.no_grad():
+            self.weight.mul_(s.to(self.weight.dtype))
+        self.smooth = s.detach().float() if self.smooth is None else self.smooth * s.detach().float()
+        self.weight_qp = None
 
     def freeze(self) -> None:
         """Replace the float weight by its codes and scales (irreversible; what `save` stores)."""
@@ -85,9 +106,7 @@ class QuantLinear(nn.Module):
 
     def allocate_frozen(self, dtype: torch.dtype = torch.float32) -> None:
         """Create empty frozen buffers of the right shapes so a saved state dict can be loaded into them."""
-        w = torch.zeros(self.out_features, self.in_features)
-        qp = compute_qparams(w, self.weight_spec)
-        self.weight_qp = qp
+        self.weight_qp = compute_qparams(torch.zeros(self.out_features, self.in_features), self.weight_spec)
         self.freeze()
         self._weight_dtype = dtype
 
@@ -96,18 +115,35 @@ class QuantLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     # -- forward --------------------------------------------------------------------------------
+    def _quantize_activation(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        spec = getattr(self, f"{kind}_spec")
+        if spec is None:
+            return x
+        if self.observers is not None and kind in self.observers:
+            self.observers[kind].observe(x)
+            return x
+        qp = None
+        if not spec.dynamic:
+            amax = getattr(self, f"{kind}_amax")
+            if amax is None:
+                raise RuntimeError(f"static {kind} quantizer is not calibrated: pass calibration data to quantize()")
+            qp = compute_qparams(x, spec, amax=amax)
+        return fake_quantize(x, spec, qp)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_spec is not None:
-            qp = None
-            if not self.input_spec.dynamic:
-                if self.input_amax is None:
-                    raise RuntimeError("static input quantizer is not calibrated: pass calibration data to quantize()")
-                qp = compute_qparams(x, self.input_spec, amax=self.input_amax)
-            x = fake_quantize(x, self.input_spec, qp)
+        if self.bypass:
+            return F.linear(x, self.weight, self.bias)
+        if self.smooth is not None:
+            x = x / self.smooth.to(x.dtype)
+        x = self._quantize_activation(x, "input")
         w = self.quantized_weight()
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        y = F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return self._quantize_activation(y, "output")
 
     def extra_repr(self) -> str:
-        w = "none" if self.weight_spec is None else f"{self.weight_spec.format}/b{self.weight_spec.block_size}"
-        a = "none" if self.input_spec is None else f"{self.input_spec.format}/b{self.input_spec.block_size}"
-        return f"in={self.in_features}, out={self.out_features}, weight={w}, input={a}, frozen={self.frozen}"
+        def fmt(s):
+            return "none" if s is None else f"{s.format}/b{s.block_size}{'/dyn' if s.dynamic else ''}"
+
+        return (f"in={self.in_features}, out={self.out_features}, weight={fmt(self.weight_spec)}, "
+                f"input={fmt(self.input_spec)}, output={fmt(self.output_spec)}, smooth={self.smooth is not None}, "
+                f"frozen={self.frozen}")

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import LeanLMError
 from .formats import QuantSpec
+from .kv import attach_kv_quantizers
 from .linear import QuantLinear
 from .recipes import recipe_from_dict
 
@@ -36,8 +37,8 @@ def save_quant_state(model: nn.Module, out: Path) -> Path | None:
     state = {
         "format_version": FORMAT_VERSION,
         "recipe": None if recipe is None else recipe.to_dict(),
-        "layers": {n: {"weight": None if q.weight_spec is None else asdict(q.weight_spec),
-                       "input": None if q.input_spec is None else asdict(q.input_spec)}
+        "layers": {n: {k: None if s is None else asdict(s) for k, s in
+                       (("weight", q.weight_spec), ("input", q.input_spec), ("output", q.output_spec))}
                    for n, q in layers.items()},
     }
     path = out / STATE_FILE
@@ -53,45 +54,45 @@ def load_quantized(path: Path, dtype=torch.float32, trust_remote_code: bool = Fa
         state = json.loads((path / STATE_FILE).read_text())
         if state.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"format_version {state.get('format_version')} (expected {FORMAT_VERSION})")
-        layer_specs = {n: (_spec(d["weight"]), _spec(d["input"])) for n, d in state["layers"].items()}
-    except (ValueError, KeyError, TypeError) as e:
+        layer_specs = {n: (_spec(d["weight"]), _spec(d["input"]), _spec(d.get("output")))
+                       for n, d in state["layers"].items()}
+        recipe = recipe_from_dict(state["recipe"], state["recipe"].get("name", "saved")) if state.get("recipe") else None
+    except (ValueError, KeyError, TypeError, LeanLMError) as e:
         raise LeanLMError(f"'{path / STATE_FILE}' is unreadable ({e}): re-run `leanlm quantize`") from None
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    for name, (wspec, ispec) in layer_specs.items():
+    for name, specs in layer_specs.items():
         try:
             lin = model.get_submodule(name)
         except AttributeError:
             raise LeanLMError(f"'{path}' names layer '{name}' that the model config does not have: re-run quantize") from None
-        q = QuantLinear.from_linear(lin, wspec, ispec)
-        if ispec is not None and not ispec.dynamic:
-            q.input_amax = torch.zeros(1)  # real shape comes from the state dict
+        q = QuantLinear.from_linear(lin, *specs)
+        wspec = specs[0]
         if wspec is not None:
             q.allocate_frozen(dtype)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, q)
+    if recipe is not None and recipe.kv_cache is not None:
+        attach_kv_quantizers(model, recipe.kv_cache)
     _resize_buffers_to_file(model, path / "model.safetensors")
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise LeanLMError(f"'{path}' does not match its quantization state (missing {missing[:2]}, "
                           f"unexpected {unexpected[:2]}): re-run `leanlm quantize`")
-    if state.get("recipe"):
-        model.leanlm_recipe = recipe_from_dict(state["recipe"], state["recipe"].get("name", "saved"))
+    if recipe is not None:
+        model.leanlm_recipe = recipe
     return model
 
 
 def _resize_buffers_to_file(model: nn.Module, file: Path) -> None:
-    """Give placeholder buffers the shapes and dtypes stored in the file (load_model copies in place)."""
+    """Give calibrated buffers (smoothing scales, static ranges) the shapes and dtypes stored in the file,
+    since load_model copies into existing tensors."""
     from safetensors import safe_open
 
     with safe_open(str(file), "pt") as f:
-        stored_names = set(f.keys())
-        for name, _ in list(model.named_buffers()):
-            if name not in stored_names:
-                continue
-            stored = f.get_tensor(name)
-            owner, _, attr = name.rpartition(".")
-            mod = model.get_submodule(owner)
-            buf = mod._buffers[attr]
-            if buf is None or buf.shape != stored.shape or buf.dtype != stored.dtype:
+        for key in f.keys():
+            owner, _, attr = key.rpartition(".")
+            mod = model.get_submodule(owner) if owner else model
+            if attr in mod._buffers and (mod._buffers[attr] is None or mod._buffers[attr].shape != f.get_slice(key).get_shape()):
+                stored = f.get_tensor(key)
                 mod._buffers[attr] = torch.empty_like(stored)

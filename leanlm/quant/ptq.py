@@ -1,0 +1,148 @@
+"""Calibrating one decoder layer: input statistics, then SmoothQuant / AWQ / GPTQ / clipping search,
+then static activation and KV ranges, then freezing the weights into codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .calib import RangeObserver, search_clip
+from .gptq import gptq
+from .kv import KVQuantizer
+from .linear import QuantLinear
+from .recipes import Recipe
+from .sequential import bypassed, layer_output
+from .smoothing import awq_scale, smoothquant_scale, smoothquant_search
+
+
+@dataclass
+class InputStats:
+    """What the algorithms need to know about one linear layer's float inputs."""
+
+    absmax: torch.Tensor | None = None
+    abssum: torch.Tensor | None = None
+    tokens: int = 0
+    hessian: torch.Tensor | None = None  # sum of x^T x
+    sample: list[torch.Tensor] = field(default_factory=list)  # random input rows
+
+    @property
+    def absmean(self) -> torch.Tensor:
+        return self.abssum / max(self.tokens, 1)
+
+
+@torch.no_grad()
+def collect_input_stats(layer: nn.Module, linears: dict[str, QuantLinear], hidden: list[torch.Tensor], kwargs: dict,
+                        hessian: bool, sample_tokens: int) -> dict[str, InputStats]:
+    stats = {n: InputStats() for n in linears}
+    # q/k/v (and gate/up) share one input tensor: one x^T x for all. Entries hold the tensor itself, so
+    # its address cannot be reused by another activation while the entry lives.
+    shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    gen = torch.Generator().manual_seed(0)
+    per_call = max(1, sample_tokens // max(len(hidden), 1))
+
+    def hook(name):
+        def fn(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            st = stats[name]
+            a = x.abs()
+            st.absmax = a.amax(0) if st.absmax is None else torch.maximum(st.absmax, a.amax(0))
+            st.abssum = a.sum(0) if st.abssum is None else st.abssum + a.sum(0)
+            st.tokens += x.shape[0]
+            if hessian:
+                if id(args[0]) not in shared:
+                    shared[id(args[0])] = (args[0], x.T @ x)
+                xtx = shared[id(args[0])][1]
+                st.hessian = xtx.clone() if st.hessian is None else st.hessian + xtx
+            if sample_tokens:
+                idx = torch.randint(0, x.shape[0], (min(per_call, x.shape[0]),), generator=gen)
+                st.sample.append(x[idx])
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    try:
+        with bypassed(linears.values()), bypassed(m for m in layer.modules() if isinstance(m, KVQuantizer)):
+            for h in hidden:
+                shared.clear()
+                layer_output(layer, h, kwargs)
+    finally:
+        for hd in handles:
+            hd.remove()
+    return stats
+
+
+def _apply_algorithm(name: str, q: QuantLinear, st: InputStats, opts: dict) -> None:
+    smooth = q.smooth if q.smooth is not None else torch.ones(q.in_features)
+    if name == "smoothquant":
+        if q.input_spec is not None:  # smoothing only helps where activations are quantized
+            if opts["alpha"] == "search":
+                s = smoothquant_search(st.absmax / smooth, q.weight, q.weight_spec, q.input_spec,
+                                       torch.cat(st.sample) / smooth)
+            else:
+                s = smoothquant_scale(st.absmax / smooth, q.weight, float(opts["alpha"]))
+            q.apply_smooth(s)
+    elif name == "awq" and q.weight_spec is not None:
+        raw = torch.cat(st.sample)
+        q.apply_smooth(awq_scale(q.weight, q.weight_spec, st.absmean / smooth, raw / smooth, opts["awq_grid"]))
+        if opts["awq_clip"]:  # 512 rows judge clipping well enough at half the cost of 1024
+            q.weight_qp = search_clip(q.weight, q.weight_spec, x=raw[:512] / q.smooth)
+    elif name == "gptq" and q.weight_spec is not None:
+        h = st.hessian / (smooth[:, None] * smooth[None, :])  # inputs are x / s once smoothed
+        w, qp = gptq(q.weight, h, q.weight_spec, block=opts["gptq_block"], damp=opts["gptq_damp"],
+                     act_order=opts["act_order"])
+        with torch.no_grad():
+            q.weight.copy_(w.to(q.weight.dtype))
+        q.weight_qp = qp
+
+
+def _needs_sample(recipe: Recipe) -> bool:
+    return "awq" in recipe.algorithm or ("smoothquant" in recipe.algorithm and recipe.options["alpha"] == "search")
+
+
+@torch.no_grad()
+def calibrate_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict, recipe: Recipe) -> None:
+    """Calibrate every quantizer inside one decoder layer and freeze its weights."""
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
+    kvqs = [m for m in layer.modules() if isinstance(m, KVQuantizer)]
+    opts = recipe.options
+    data_algos = [a for a in recipe.algorithm if a != "rtn"]
+    if data_algos and linears:
+        stats = collect_input_stats(layer, linears, hidden, kwargs, hessian="gptq" in data_algos,
+                                    sample_tokens=opts["sample_tokens"] if _needs_sample(recipe) else 0)
+        for algo in data_algos:
+            for n, q in linears.items():
+                _apply_algorithm(algo, q, stats[n], opts)
+        del stats
+    if opts["weight_calibration"] == "mse":
+        for q in linears.values():
+            if q.weight_spec is not None and q.weight_qp is None:
+                q.weight_qp = search_clip(q.weight, q.weight_spec)
+    calibrate_ranges(layer, linears.values(), kvqs, hidden, kwargs, opts["act_calibration"], opts["percentile"])
+    for q in linears.values():
+        q.freeze()
+
+
+def calibrate_ranges(layer, linears, kvqs, hidden, kwargs, method: str, percentile: float) -> None:
+    """Static activation and KV ranges, observed with this layer's weights already quantized."""
+    static = [q for q in linears
+              if any(s is not None and not s.dynamic for s in (q.input_spec, q.output_spec))]
+    if not static and not kvqs:
+        return
+    for q in static:
+        q.observers = {k: RangeObserver(s, method, percentile) for k, s in
+                       (("input", q.input_spec), ("output", q.output_spec)) if s is not None and not s.dynamic}
+    for kv in kvqs:
+        kv.start_calibration(method if method != "percentile" else "max")
+    observers = {id(q): q.observers for q in static}
+    try:
+        for h in hidden:
+            layer_output(layer, h, kwargs)
+    finally:
+        for q in static:
+            q.observers = None
+    for q in static:
+        for k, o in observers[id(q)].items():
+            setattr(q, f"{k}_amax", o.amax())
+    for kv in kvqs:
+        kv.finish_calibration()

@@ -1,0 +1,58 @@
+"""Per-input-channel smoothing scales: SmoothQuant's closed form and AWQ's searched scale.
+
+Both return ``s`` for `QuantLinear.apply_smooth`: the weight becomes ``W * s`` and inputs ``x / s``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .formats import QuantSpec, quant_dequant
+
+
+def smoothquant_scale(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) (Xiao et al., 2023): moves activation outliers into weights."""
+    w_absmax = weight.detach().abs().amax(dim=0).float()
+    s = act_absmax.float().clamp(min=1e-5).pow(alpha) / w_absmax.clamp(min=1e-5).pow(1 - alpha)
+    return s.clamp(min=1e-5)
+
+
+@torch.no_grad()
+def smoothquant_search(act_absmax: torch.Tensor, weight: torch.Tensor, weight_spec: QuantSpec | None,
+                       input_spec: QuantSpec, x: torch.Tensor, alphas=None) -> torch.Tensor:
+    """SmoothQuant with the migration strength chosen per layer: the alpha whose quantized output on
+    the sample inputs `x` [T, in] is closest to the float output."""
+    alphas = torch.linspace(0.0, 1.0, 11) if alphas is None else alphas
+    w, x = weight.detach().float(), x.float()
+    ref = x @ w.T
+    best_s, best_err = None, None
+    for a in alphas:
+        s = smoothquant_scale(act_absmax, w, float(a))
+        ws = w * s if weight_spec is None else quant_dequant(w * s, weight_spec)
+        out = quant_dequant(x / s, input_spec) @ ws.T
+        err = (out - ref).pow(2).mean()
+        if best_err is None or err < best_err:
+            best_s, best_err = s, err
+    return best_s
+
+
+@torch.no_grad()
+def awq_scale(weight: torch.Tensor, spec: QuantSpec, act_absmean: torch.Tensor, x: torch.Tensor,
+              grid: int = 20) -> torch.Tensor:
+    """Activation-aware scale search (Lin et al., 2024): s = mean|x|^a / mean|w|^(1-a), with the a in
+    [0, 1) whose quantized layer output on the sample inputs `x` [T, in] is closest to the float one."""
+    w = weight.detach().float()
+    x = x.float()
+    ref = x @ w.T
+    w_mean = (w.abs() / w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8)).mean(dim=0)
+    x_mean = act_absmean.float()
+    best_s, best_err = torch.ones_like(x_mean), None
+    for i in range(grid):
+        a = i / grid
+        s = x_mean.clamp(min=1e-4).pow(a) / w_mean.clamp(min=1e-4).pow(1 - a)
+        s = (s / (s.max() * s.min()).sqrt()).clamp(min=1e-4)
+        wq = quant_dequant(w * s, spec) / s
+        err = (x @ wq.T - ref).pow(2).mean()
+        if best_err is None or err < best_err:
+            best_s, best_err = s, err
+    return best_s
