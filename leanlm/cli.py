@@ -77,6 +77,8 @@ def cmd_quantize(args) -> None:
     from .quant.recipes import get_recipe
 
     recipe = get_recipe(args.recipe)  # fail on a bad recipe or data before loading anything
+    if recipe.needs_data and not args.calib:
+        raise LeanLMError(f"recipe '{recipe.name}' calibrates on data: pass --calib wiki (or news, pydoc, a file)")
     for source in filter(None, (args.calib, args.eval_tokens and args.eval_data)):
         documents(source)
     out = Path(args.out)
@@ -99,10 +101,18 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_recipes(args) -> None:
-    from .quant.recipes import PRESETS
+    import yaml
 
+    from .quant.recipes import PRESETS, get_recipe
+
+    if args.name:  # the full recipe, as YAML a user can copy and edit
+        print(yaml.safe_dump(get_recipe(args.name).to_dict(), sort_keys=False), end="")
+        return
     for r in PRESETS.values():
-        print(f"{r.name:<16} {r.description}")
+        if "_kv_" not in r.name:
+            print(f"{r.name:<16} {'+'.join(r.algorithm):<12} {r.description}")
+    print("\nEvery preset also comes as NAME_kv_fp8 and NAME_kv_nvfp4 (quantized KV cache).")
+    print("`leanlm recipes NAME` prints a preset as YAML to start a custom recipe from.")
 
 
 def cmd_compare(args) -> None:
@@ -169,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_quantize)
 
-    s = sub.add_parser("recipes", help="list quantization recipe presets")
+    s = sub.add_parser("recipes", help="list quantization recipe presets, or print one as YAML")
+    s.add_argument("name", nargs="?", help="a preset to print in full")
     s.set_defaults(fn=cmd_recipes)
 
     s = sub.add_parser("compare", help="tabulate result JSON files and write a report")

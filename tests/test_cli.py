@@ -66,3 +66,25 @@ def test_eval_quantize_compare(tmp_path, tiny_model_dir, capsys):
 def test_console_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "leanlm.cli", "recipes"], capture_output=True, text=True, check=True)
     assert "w4a16_rtn" in r.stdout
+
+
+def test_recipes_prints_yaml_that_loads_back(tmp_path, capsys):
+    from leanlm.quant.recipes import PRESETS, get_recipe
+
+    assert main(["recipes", "int8_sq"]) == 0
+    f = tmp_path / "r.yaml"
+    f.write_text(capsys.readouterr().out)
+    assert get_recipe(str(f)).to_dict() == PRESETS["int8_sq"].to_dict()
+
+
+def test_quantize_with_calibration(tmp_path, tiny_model_dir):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_model_dir), "--recipe", "w4a16_gptq_g64", "--calib", "news",
+                 "--calib-samples", "4", "--seq-len", "32", "--out", str(out)]) == 0
+    assert (out / "leanlm_quant.json").is_file()
+
+
+def test_quantize_without_needed_calibration(tmp_path, tiny_model_dir, capsys):
+    assert main(["quantize", str(tiny_model_dir), "--recipe", "w4a16_awq", "--out", str(tmp_path / "q")]) == 2
+    assert "pass calibration data" in _error_line(capsys)
+    assert not (tmp_path / "q").exists()

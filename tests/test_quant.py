@@ -137,3 +137,19 @@ def test_quantizing_twice_is_an_error():
 def test_recipe_selecting_nothing_is_an_error():
     with pytest.raises(LeanLMError, match="selects no linear layer"):
         quantize(tiny_llama(), {"rules": [{"pattern": "nothing.*", "weight": "int8"}]}, progress=False)
+
+
+@pytest.mark.parametrize("preset", ["w4a16_awq_kv_fp8", "int8_sq", "nvfp4_awq_kv_nvfp4"])
+def test_preset_round_trips_through_its_dict(preset):
+    r = PRESETS[preset]
+    again = recipe_from_dict(r.to_dict())
+    assert again.to_dict() == r.to_dict()
+
+
+def test_recipe_options_are_validated():
+    with pytest.raises(LeanLMError, match=r"unknown option\(s\) \['alhpa'\]"):
+        recipe_from_dict({"rules": [{"pattern": "*", "weight": "int8"}], "options": {"alhpa": 0.5}})
+    with pytest.raises(LeanLMError, match="alpha"):
+        recipe_from_dict({"rules": [{"pattern": "*", "weight": "int8"}], "options": {"alpha": 2}})
+    with pytest.raises(LeanLMError, match="act_calibration"):
+        recipe_from_dict({"rules": [{"pattern": "*", "weight": "int8"}], "options": {"act_calibration": "avg"}})
