@@ -29,7 +29,7 @@ OURS = ["w4a16_rtn_g64", "w4a16_awq_g64", "w4a16_gptq_g64", "w4a16_rtn", "w4a16_
 # peer -> schemes (named like our recipes they correspond to)
 PEER_SCHEMES = {
     "modelopt": ["fp8", "int8_sq", "w4a16_awq_g64", "w4a16_awq", "w4a8_awq", "nvfp4"],
-    "llmcompressor": ["w4a16_gptq_g64", "w4a16_gptq", "int8_sq", "fp8"],
+    "llmcompressor": ["w4a16_gptq_g64", "w4a16_gptq", "w4a16_awq_g64", "int8_sq", "fp8"],
 }
 
 

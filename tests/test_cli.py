@@ -86,5 +86,5 @@ def test_quantize_with_calibration(tmp_path, tiny_model_dir):
 
 def test_quantize_without_needed_calibration(tmp_path, tiny_model_dir, capsys):
     assert main(["quantize", str(tiny_model_dir), "--recipe", "w4a16_awq", "--out", str(tmp_path / "q")]) == 2
-    assert "pass calibration data" in _error_line(capsys)
+    assert "calibrates on data: pass --calib" in _error_line(capsys)
     assert not (tmp_path / "q").exists()

@@ -206,8 +206,8 @@ for _g in (128, 64):
                 QuantSpec("int4", block_size=_g)),
         _preset(f"w4a16_awq{_sfx}", f"INT4 weights, groups of {_g}, AWQ scale and clipping search",
                 QuantSpec("int4", block_size=_g), algorithm="awq"),
-        _preset(f"w4a16_gptq{_sfx}", f"INT4 weights, groups of {_g}, GPTQ error compensation",
-                QuantSpec("int4", block_size=_g), algorithm="gptq"),
+        _preset(f"w4a16_gptq{_sfx}", f"INT4 weights, groups of {_g}, GPTQ error compensation (act-order)",
+                QuantSpec("int4", block_size=_g), algorithm="gptq", act_order=True),
     ]
 
 
