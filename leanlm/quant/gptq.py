@@ -44,23 +44,27 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, block: int = 1
     if g:
         block = max(g, (block // g) * g)  # blocks hold whole groups, so a group never straddles two
     gscale = upfront.global_scale
+
+    def column_params(grp: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Effective scale and zero point of every row for the columns of group `grp`."""
+        if scales.dim() == 2:  # per-tensor: one scale for all
+            s, z = scales.reshape(1).expand(out_f), None if zeros is None else zeros.reshape(1).expand(out_f)
+        else:
+            s, z = scales[:, grp, 0], None if zeros is None else zeros[:, grp, 0]
+        return (s if gscale is None else s * gscale), z
+
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
-        w1, q1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), torch.zeros_like(w[:, i1:i2]), hinv[i1:i2, i1:i2]
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        q1, err1 = torch.zeros_like(w1), torch.zeros_like(w1)
         for i in range(i2 - i1):
-            col = i1 + i
-            orig = int(perm[col])
+            orig = int(perm[i1 + i])
             if dynamic_groups and orig % g == 0:
                 qp = compute_qparams(w1[:, i:i + g], spec, global_amax=gmax)  # one block per row
                 scales[:, orig // g] = qp.scale.reshape(out_f, 1)
                 if zeros is not None:
                     zeros[:, orig // g] = qp.zero.reshape(out_f, 1)
-            grp = orig // g if g else 0
-            s = scales[:, grp, 0] if scales.dim() == 3 else scales.reshape(-1)[:1].expand(out_f)
-            if gscale is not None:
-                s = s * gscale
-            z = None if zeros is None else (zeros[:, grp, 0] if zeros.dim() == 3 else zeros.reshape(-1)[:1].expand(out_f))
-            q = qdq_with(w1[:, i], spec, s, z)
+            q = qdq_with(w1[:, i], spec, *column_params(orig // g if g else 0))
             q1[:, i] = q
             e = (w1[:, i] - q) / hinv1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
