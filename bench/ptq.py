@@ -33,13 +33,6 @@ PEER_SCHEMES = {
 }
 
 
-def peak_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def run_one(args) -> None:
     """Child process: quantize with one of our recipes (or none) and evaluate."""
     import torch
@@ -47,6 +40,7 @@ def run_one(args) -> None:
 
     import leanlm
     from leanlm.eval.perplexity import perplexity
+    from leanlm.eval.speed import peak_rss_bytes
 
     model, tok = leanlm.load(args.model_dir)
     ev = load_file(args.eval)

@@ -18,7 +18,6 @@ import copy
 import json
 import os
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -34,38 +33,15 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from leanlm.atomic import atomic_write_text  # noqa: E402
 from leanlm.eval.perplexity import perplexity  # noqa: E402
+from leanlm.eval.speed import peak_rss_bytes  # noqa: E402
 
 CALIB_BATCH = 8
 
 MODELOPT_SCHEMES = ("fp8", "int8_sq", "w4a16_awq", "w4a16_awq_g64", "nvfp4", "w4a8_awq")
 LLMCOMPRESSOR_SCHEMES = ("w4a16_gptq_g64", "w4a16_gptq", "w4a16_awq_g64", "w4a16_awq", "int8_sq", "fp8")
 SCHEMES = {"modelopt": MODELOPT_SCHEMES, "llmcompressor": LLMCOMPRESSOR_SCHEMES}
-
-
-def peak_rss_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def write_json(path: str, payload: dict) -> None:
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def error_text(exc: BaseException) -> str:
@@ -240,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         result["error"] = error_text(exc)
     result["peak_rss_bytes"] = peak_rss_bytes()
-    write_json(args.out, result)
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     status = f"error {result['error']}" if result["error"] else f"perplexity {result['perplexity']:.4f}"
     print(f"[{args.peer}/{args.scheme}] {status} -> {args.out}", file=sys.stderr)
     return 0
