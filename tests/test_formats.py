@@ -175,9 +175,10 @@ def test_e4m3_scales_with_an_all_zero_block_stay_finite(fmt):
 # --- Integers ---------------------------------------------------------------------------------------
 
 def test_int8_symmetric_codes():
-    """amax 127 -> scale 1; round half to even: -63.5 -> -64, 2.5 -> 2."""
+    """amax 127.5 -> scale 1 (integers map amax onto max + 1/2); round half to even: -63.5 -> -64, 2.5 -> 2;
+    127.5 clips to 127."""
     spec = QuantSpec("int8")
-    x = T(127.0, -63.5, 2.5, 0.4, -1.6)[None]
+    x = T(127.5, -63.5, 2.5, 0.4, -1.6)[None]
     qp = compute_qparams(x, spec)
     assert_exact(qp.scale.reshape(-1), T(1.0))
     assert_exact(quantize_blocks(x, spec, qp).reshape(-1), T(127.0, -64.0, 2.0, 0.0, -2.0))
@@ -185,11 +186,11 @@ def test_int8_symmetric_codes():
 
 def test_int4_symmetric_codes_clamp_to_minus8_plus7():
     spec = QuantSpec("int4")
-    x = T(7.0, -3.5, 2.5, 0.49, -7.0)[None]
-    assert_exact(quantize_blocks(x, spec, compute_qparams(x, spec)).reshape(-1), T(7.0, -4.0, 2.0, 0.0, -7.0))
-    # calibrated amax 3.5 -> scale 0.5: 7 / 0.5 = 14 -> 7, -14 -> -8 (one more negative code), 1 -> 2
+    x = T(7.5, -3.5, 2.5, 0.49, -7.5)[None]  # amax 7.5 -> scale 1: +7.5 clips to 7, -7.5 rounds to -8 (even)
+    assert_exact(quantize_blocks(x, spec, compute_qparams(x, spec)).reshape(-1), T(7.0, -4.0, 2.0, 0.0, -8.0))
+    # calibrated amax 3.75 -> scale 0.5: 7 / 0.5 = 14 -> 7, -14 -> -8 (one more negative code), 1 -> 2
     y = T(7.0, -7.0, 1.0)[None]
-    qp = compute_qparams(y, spec, amax=torch.tensor(3.5))
+    qp = compute_qparams(y, spec, amax=torch.tensor(3.75))
     assert_exact(quantize_blocks(y, spec, qp).reshape(-1), T(7.0, -8.0, 2.0))
 
 
@@ -231,12 +232,12 @@ def test_int_error_at_most_half_a_step(spec):
 def test_granularities_give_the_hand_computed_scales():
     spec = QuantSpec("int4")
     x = torch.zeros(2, 8)
-    x[0, 0], x[0, 4] = 7.0, 14.0
-    x[1, 0], x[1, 7] = 0.7, -3.5
+    x[0, 0], x[0, 4] = 7.5, 15.0
+    x[1, 0], x[1, 7] = 0.75, -3.75
     scale = lambda b: compute_qparams(x, spec.with_(block_size=b)).scale  # noqa: E731
-    assert_exact(scale(0), T(2.0).reshape(1, 1))  # tensor amax 14 / 7
-    torch.testing.assert_close(scale(-1), T(2.0, 0.5).reshape(2, 1, 1))  # rows: 14, 3.5
-    torch.testing.assert_close(scale(4), T(1.0, 2.0, 0.1, 0.5).reshape(2, 2, 1))  # groups: 7, 14, .7, 3.5
+    assert_exact(scale(0), T(2.0).reshape(1, 1))  # tensor amax 15 / 7.5
+    torch.testing.assert_close(scale(-1), T(2.0, 0.5).reshape(2, 1, 1))  # rows: 15, 3.75
+    torch.testing.assert_close(scale(4), T(1.0, 2.0, 0.1, 0.5).reshape(2, 2, 1))  # groups: 7.5, 15, .75, 3.75
 
 
 def test_partial_last_group_padding_does_not_change_scale():
@@ -244,24 +245,27 @@ def test_partial_last_group_padding_does_not_change_scale():
     torch.manual_seed(3)
     x = torch.randn(3, 20) * 5
     x[:, 16:20] = T(0.3, -0.7, 0.1, 0.2)
-    for sym, expected in ((True, 0.7 / 7), (False, 1.0 / 15)):  # asym range [-0.7, 0.3]
+    for sym, expected in ((True, 0.7 / 7.5), (False, 1.0 / 15)):  # asym range [-0.7, 0.3]
         spec = QuantSpec("int4", block_size=8, symmetric=sym)
         qp = compute_qparams(x, spec)
         assert qp.scale.shape == (3, 3, 1)
         torch.testing.assert_close(qp.scale[:, 2], torch.full((3, 1), expected))
         assert quant_dequant(x, spec).shape == x.shape
-    # symmetric: codes 3, -7, 1, 2 times the scale 0.1
+    # symmetric: 0.3, -0.7, 0.1, 0.2 over the scale 0.7 / 7.5 -> codes 3, -8 (-7.5, half to even), 1, 2
     y = quant_dequant(x, QuantSpec("int4", block_size=8))
-    assert_exact(y[:, 16:20], (T(3.0, -7.0, 1.0, 2.0) * (torch.tensor(0.7) / 7)).expand(3, 4))
+    assert_exact(y[:, 16:20], (T(3.0, -8.0, 1.0, 2.0) * (torch.tensor(0.7) / 7.5)).expand(3, 4))
 
 
 @pytest.mark.parametrize("name", sorted(NAMED_SPECS))
 def test_named_specs_are_idempotent(name):
-    """Quantizing an already-quantized tensor again gives the same values."""
+    """Quantizing an already-quantized tensor again gives the same values. Integer scales map amax onto
+    max + 1/2, so a block whose extreme went to -2^(b-1) gets a new scale: they reuse their scales."""
     spec = NAMED_SPECS[name]
     torch.manual_seed(4)
-    y1 = quant_dequant(torch.randn(5, 200), spec)
-    y2 = quant_dequant(y1, spec)
+    x = torch.randn(5, 200)
+    qp = compute_qparams(x, spec) if spec.element.kind == "int" else None
+    y1 = quant_dequant(x, spec, qp)
+    y2 = quant_dequant(y1, spec, qp)
     torch.testing.assert_close(y2, y1, rtol=1e-6, atol=0)
 
 

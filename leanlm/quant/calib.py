@@ -38,9 +38,11 @@ class RangeObserver:
         self.block_amax = cur if self.block_amax is None else torch.maximum(self.block_amax, cur)
         if self.method != "max":
             flat = x.reshape(-1)
-            keep = min(flat.numel(), self.max_samples // 8)
-            idx = torch.randint(0, flat.numel(), (keep,), generator=self._gen)
-            self.samples.append(flat[idx])
+            keep = self.max_samples // 8
+            if flat.numel() > keep:  # small tensors are kept whole: resampling them would weigh some values twice
+                flat = flat[torch.randint(0, flat.numel(), (keep,), generator=self._gen)]
+            self.samples.append(flat.clone())
+            keep = len(flat)
             self._n += keep
             if self._n > self.max_samples:  # keep the sample bounded: drop a random half
                 allv = torch.cat(self.samples)

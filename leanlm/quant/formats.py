@@ -34,6 +34,13 @@ class ElementFormat:
     max: float  # largest magnitude representable (for int: the largest positive code)
     emax: int = 0  # floor(log2(max)): exponent of the largest power of two <= `max` (used by E8M0 scales)
 
+    @property
+    def range(self) -> float:
+        """The magnitude a block's absolute max is scaled onto. Integers use max + 1/2: the extra negative
+        code (-2^(b-1)) then serves the negative extreme and the positive one clips by at most half a
+        step, the bound rounding has anyway (compressed-tensors' convention; lower error at 4 bits)."""
+        return self.max + 0.5 if self.kind == "int" else self.max
+
 
 ELEMENTS = {
     "int8": ElementFormat("int8", "int", 8, 127.0, emax=6),
@@ -96,13 +103,11 @@ NAMED_SPECS = {
 
 def round_e2m1(x: torch.Tensor) -> torch.Tensor:
     """Round to the nearest FP4 E2M1 value (ties to even mantissa), saturating at +-6."""
-    grid = torch.tensor(E2M1_GRID, dtype=x.dtype, device=x.device)
-    mid = (grid[1:] + grid[:-1]) / 2
-    mag = x.abs().clamp(max=6.0).contiguous()
-    idx = torch.bucketize(mag, mid)  # x on a midpoint maps to the lower neighbour
-    tie = (idx < len(mid)) & (mag == mid[idx.clamp(max=len(mid) - 1)])
-    idx = idx + (tie & (idx % 2 == 1)).to(idx.dtype)  # even index = even mantissa
-    return torch.sign(x) * grid[idx]
+    # The grid's spacing is 0.5 below 2, 1 in [2, 4) and 2 in [4, 6]; within each binade
+    # round-half-even on the step count lands ties on the even mantissa.
+    mag = x.abs().clamp(max=6.0)
+    step = torch.where(mag < 2, 0.5, torch.where(mag < 4, 1.0, 2.0)).to(x.dtype)
+    return torch.copysign(torch.round(mag / step) * step, x)
 
 
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +194,7 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None 
         amax = amax.float()
         if spec.scale_format == "e8m0":
             return QParams(round_scale_e8m0(amax, fmt.emax))
-        scale = amax / fmt.max
+        scale = amax / fmt.range
         if spec.scale_format == "e4m3":
             # Two levels (NVFP4): an fp32 tensor scale maps the largest block scale onto E4M3's range.
             top = scale.amax() if global_amax is None else global_amax.float() / fmt.max
@@ -255,8 +260,8 @@ class _FakeQuantSTE(torch.autograd.Function):
         y = quant_dequant(x, spec, qp)
         if spec.symmetric:
             xb = to_blocks(x.detach().float(), spec.block_size)
-            # |x| / max <= s rather than |x| <= s * max: s = amax / max, and s * max can round below amax.
-            inside = xb.abs() / spec.element.max <= effective_scale(qp)
+            # |x| / range <= s rather than |x| <= s * range: s = amax / range, and s * range can round below amax.
+            inside = xb.abs() / spec.element.range <= effective_scale(qp)
         else:
             # Codes outside [0, qmax] by more than rounding (half a step) are clipped.
             xb = to_blocks(x.detach().float(), spec.block_size)
