@@ -42,6 +42,11 @@ def test_gptq_beats_rtn(outlier_layer):
         wq, qp = gptq(w, x.T @ x, INT4_G32, act_order=act_order)
         assert _out_err(x, w, wq) < 0.5 * rtn
         assert torch.allclose(quant_dequant(wq, INT4_G32, qp), wq, atol=1e-6)  # lies on the saved grid
+    # Starting from MSE-clipped scales: GPTQ keeps them, and still beats RTN on those same scales.
+    start = search_clip(w, INT4_G32)
+    wq, qp = gptq(w, x.T @ x, INT4_G32, qparams=start)
+    assert torch.equal(qp.scale, start.scale)
+    assert _out_err(x, w, wq) < 0.5 * _out_err(x, w, quant_dequant(w, INT4_G32, start))
 
 
 def test_awq_beats_rtn(outlier_layer):

@@ -11,13 +11,14 @@ from .formats import QParams, QuantSpec, compute_qparams, qdq_with
 
 @torch.no_grad()
 def gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, block: int = 128, damp: float = 0.01,
-         act_order: bool = False) -> tuple[torch.Tensor, QParams]:
+         act_order: bool = False, qparams: QParams | None = None) -> tuple[torch.Tensor, QParams]:
     """Return the GPTQ-quantized weight (dequantized values, float32) and the scales it lies on.
 
     `hessian` is ``sum(x^T x)`` over calibration tokens [in, in]. Groups (``spec.block_size > 0``) get
     their scales when GPTQ reaches them, from the already error-compensated weights; with
     `act_order` columns go in order of decreasing Hessian diagonal and every group's scale is fixed
-    up front (static groups), so the saved layout stays the plain group layout.
+    up front (static groups), so the saved layout stays the plain group layout. `qparams` fixes every
+    scale up front (e.g. from a clipping search).
     """
     w = w.detach().float().clone()
     out_f, in_f = w.shape
@@ -27,8 +28,8 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, block: int = 1
     w[:, dead] = 0
     g = spec.block_size if spec.block_size > 0 else 0
     gmax = w.abs().amax()
-    upfront = compute_qparams(w, spec, global_amax=gmax)
-    dynamic_groups = g > 0 and not act_order
+    upfront = qparams or compute_qparams(w, spec, global_amax=gmax)
+    dynamic_groups = g > 0 and not act_order and qparams is None
     scales = upfront.scale.clone()
     zeros = None if upfront.zero is None else upfront.zero.clone()
 

@@ -89,8 +89,10 @@ def _apply_algorithm(name: str, q: QuantLinear, st: InputStats, opts: dict) -> N
             q.weight_qp = search_clip(q.weight, q.weight_spec, x=raw[:512] / q.smooth)
     elif name == "gptq" and q.weight_spec is not None:
         h = st.hessian / (smooth[:, None] * smooth[None, :])  # inputs are x / s once smoothed
+        # MSE weight calibration fixes the scales GPTQ starts from (with act_order they stay fixed).
+        start = search_clip(q.weight, q.weight_spec) if opts["weight_calibration"] == "mse" else None
         w, qp = gptq(q.weight, h, q.weight_spec, block=opts["gptq_block"], damp=opts["gptq_damp"],
-                     act_order=opts["act_order"])
+                     act_order=opts["act_order"], qparams=start)
         with torch.no_grad():
             q.weight.copy_(w.to(q.weight.dtype))
         q.weight_qp = qp
@@ -101,8 +103,10 @@ def _needs_sample(recipe: Recipe) -> bool:
 
 
 @torch.no_grad()
-def calibrate_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict, recipe: Recipe) -> None:
-    """Calibrate every quantizer inside one decoder layer and freeze its weights."""
+def calibrate_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict,
+                    recipe: Recipe) -> list[torch.Tensor] | None:
+    """Calibrate every quantizer inside one decoder layer and freeze its weights. Returns the layer's
+    outputs when the range pass produced them (see `calibrate_ranges`), else None."""
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
     kvqs = [m for m in layer.modules() if isinstance(m, KVQuantizer)]
     opts = recipe.options
@@ -118,17 +122,24 @@ def calibrate_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict, 
         for q in linears.values():
             if q.weight_spec is not None and q.weight_qp is None:
                 q.weight_qp = search_clip(q.weight, q.weight_spec)
-    calibrate_ranges(layer, linears.values(), kvqs, hidden, kwargs, opts["act_calibration"], opts["percentile"])
-    for q in linears.values():
+    for q in linears.values():  # the weights are final: the range pass runs on their cached dequantization
         q.freeze()
+    return calibrate_ranges(layer, linears.values(), kvqs, hidden, kwargs, opts["act_calibration"],
+                            opts["percentile"])
 
 
-def calibrate_ranges(layer, linears, kvqs, hidden, kwargs, method: str, percentile: float) -> None:
-    """Static activation and KV ranges, observed with this layer's weights already quantized."""
+def calibrate_ranges(layer, linears, kvqs, hidden, kwargs, method: str,
+                     percentile: float) -> list[torch.Tensor] | None:
+    """Static activation and KV ranges, observed with this layer's weights already quantized.
+
+    The observing pass also yields the layer's outputs (quantized weights, activations still float),
+    which feed the next layer: one pass instead of two, as the ranges are not known until it ends.
+    Returns None when nothing needed observing.
+    """
     static = [q for q in linears
               if any(s is not None and not s.dynamic for s in (q.input_spec, q.output_spec))]
     if not static and not kvqs:
-        return
+        return None
     for q in static:
         q.observers = {k: RangeObserver(s, method, percentile) for k, s in
                        (("input", q.input_spec), ("output", q.output_spec)) if s is not None and not s.dynamic}
@@ -136,8 +147,7 @@ def calibrate_ranges(layer, linears, kvqs, hidden, kwargs, method: str, percenti
         kv.start_calibration(method if method != "percentile" else "max")
     observers = {id(q): q.observers for q in static}
     try:
-        for h in hidden:
-            layer_output(layer, h, kwargs)
+        outputs = [layer_output(layer, h, kwargs) for h in hidden]
     finally:
         for q in static:
             q.observers = None
@@ -146,3 +156,4 @@ def calibrate_ranges(layer, linears, kvqs, hidden, kwargs, method: str, percenti
             setattr(q, f"{k}_amax", o.amax())
     for kv in kvqs:
         kv.finish_calibration()
+    return outputs

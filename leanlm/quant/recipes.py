@@ -39,7 +39,7 @@ DEFAULT_OPTIONS = {
     "gptq_block": 128,  # GPTQ columns updated together
     "gptq_damp": 0.01,  # GPTQ Hessian dampening (fraction of its mean diagonal)
     "act_order": False,  # GPTQ: columns by decreasing Hessian diagonal
-    "weight_calibration": "max",  # max, or mse (clipping search on the weight alone)
+    "weight_calibration": "max",  # max, or mse (clipping search on the weight alone; GPTQ starts from it)
     "act_calibration": "max",  # static activation ranges: max, percentile or mse
     "percentile": 99.99,
 }
@@ -206,8 +206,9 @@ for _g in (128, 64):
                 QuantSpec("int4", block_size=_g)),
         _preset(f"w4a16_awq{_sfx}", f"INT4 weights, groups of {_g}, AWQ scale and clipping search",
                 QuantSpec("int4", block_size=_g), algorithm="awq"),
-        _preset(f"w4a16_gptq{_sfx}", f"INT4 weights, groups of {_g}, GPTQ error compensation (act-order)",
-                QuantSpec("int4", block_size=_g), algorithm="gptq", act_order=True),
+        _preset(f"w4a16_gptq{_sfx}", f"INT4 weights, groups of {_g}, GPTQ error compensation (act-order) from "
+                "MSE-clipped scales", QuantSpec("int4", block_size=_g), algorithm="gptq", act_order=True,
+                weight_calibration="mse"),
     ]
 
 

@@ -100,9 +100,11 @@ def layer_output(layer: nn.Module, h: torch.Tensor, kwargs: dict) -> torch.Tenso
 
 @torch.no_grad()
 def run_layerwise(model: nn.Module, forward_loop: Callable[[nn.Module], None],
-                  calibrate: Callable[[nn.Module, list[torch.Tensor], dict], None], progress: bool = True) -> None:
+                  calibrate: Callable[[nn.Module, list[torch.Tensor], dict], list[torch.Tensor] | None],
+                  progress: bool = True) -> None:
     """Call `calibrate(layer, inputs, kwargs)` for each decoder layer in order, then feed the next
-    layer the outputs of the calibrated (quantized) layer."""
+    layer the outputs of the calibrated (quantized) layer: those `calibrate` returns, or else a
+    fresh forward of the layer."""
     from .kv import KVQuantizer
     from .linear import QuantLinear
 
@@ -112,5 +114,5 @@ def run_layerwise(model: nn.Module, forward_loop: Callable[[nn.Module], None],
         inputs = capture_inputs(model, layers, forward_loop)
     hidden = inputs.hidden
     for i, layer in enumerate(tqdm(layers, desc="calibrating layers", disable=not progress, unit="layer")):
-        calibrate(layer, hidden, inputs.kwargs[i])
-        hidden = [layer_output(layer, h, inputs.kwargs[i]) for h in hidden]
+        outputs = calibrate(layer, hidden, inputs.kwargs[i])
+        hidden = outputs if outputs is not None else [layer_output(layer, h, inputs.kwargs[i]) for h in hidden]
