@@ -87,6 +87,10 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--peers", default="modelopt,llmcompressor")
+    ap.add_argument("--peer-schemes", help="only these peer schemes (comma-separated), e.g. fp8,int8_sq")
+    ap.add_argument("--fresh", action="store_true",
+                    help="discard earlier rows; by default rows of an earlier run with the same settings are "
+                         "kept and the variants run now replace theirs, so a long benchmark can run in parts")
     ap.add_argument("--timeout", type=int, default=7200)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -101,6 +105,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     import leanlm
+    from leanlm.atomic import atomic_write_text
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     work = RESULTS / "tmp"
@@ -116,16 +121,24 @@ def main() -> None:
     print(f"{args.model}: {args.calib_samples} x {args.seq_len} calibration tokens, {args.eval_tokens} evaluation "
           f"tokens ({args.data}), torch threads {torch.get_num_threads()}", flush=True)
 
+    settings = {"model": args.model, "data": args.data, "calib_samples": args.calib_samples, "seq_len": args.seq_len,
+                "eval_tokens": args.eval_tokens, "window": args.window}
+    out = RESULTS / f"ptq_{args.model}.json"
+    earlier = json.loads(out.read_text()) if out.is_file() and not args.fresh else {}
+    kept = earlier.get("rows", []) if all(earlier.get(k) == v for k, v in settings.items()) else []
+
     rows = []
     for scheme in ["float"] + [r for r in args.recipes.split(",") if r]:
         res = work / f"ours_{scheme}.json"
         r = _child([sys.executable, __file__, "--one", scheme, "--result", str(res)] + common, res,
                    f"leanlm {scheme}", args.timeout)
-        rows.append({"toolkit": "leanlm", "scheme": scheme, **r})
+        rows.append({"toolkit": "leanlm", "scheme": scheme, **r, "measured": time.strftime("%Y-%m-%d %H:%M")})
     if not args.no_peers:
         for peer in args.peers.split(","):
             py = PEERS / f".venv-{peer}" / "bin" / "python"
             for scheme in PEER_SCHEMES[peer]:
+                if args.peer_schemes and scheme not in args.peer_schemes.split(","):
+                    continue
                 if not py.exists():
                     rows.append({"toolkit": peer, "scheme": scheme,
                                  "error": f"venv missing: run bench/peers/setup.sh {peer}"})
@@ -135,20 +148,19 @@ def main() -> None:
                        "--calib", str(calib_file), "--eval", str(eval_file), "--window", str(args.window),
                        "--out", str(res)]
                 r = _child(cmd, res, f"{peer} {scheme}", args.timeout)
-                rows.append({**r, "toolkit": peer, "scheme": scheme})
+                rows.append({**r, "toolkit": peer, "scheme": scheme, "measured": time.strftime("%Y-%m-%d %H:%M")})
 
+    ran = {(r["toolkit"], r["scheme"]) for r in rows}
+    rows = [r for r in kept if (r["toolkit"], r["scheme"]) not in ran] + rows
+    order = {"leanlm": 0, "modelopt": 1, "llmcompressor": 2}
+    rows.sort(key=lambda r: (order.get(r["toolkit"], 9), r["scheme"] != "float", r["scheme"]))
     base = next(r["perplexity"] for r in rows if r["scheme"] == "float")
     for r in rows:
         if r.get("perplexity"):
             r["delta_pct"] = 100 * (r["perplexity"] / base - 1)
     print()
     print(format_rows(rows))
-    out = RESULTS / f"ptq_{args.model}.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"model": args.model, "data": args.data, "calib_samples": args.calib_samples,
-                               "seq_len": args.seq_len, "eval_tokens": args.eval_tokens, "window": args.window,
-                               "rows": rows}, indent=2))
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps({**settings, "rows": rows}, indent=2))
     print(f"\nwrote {out}")
 
 
