@@ -82,17 +82,20 @@ def search_clip(w: torch.Tensor, spec: QuantSpec, x: torch.Tensor | None = None,
     amax0 = wb.abs().amax(-1, keepdim=True)
     amin0 = wb.amin(-1, keepdim=True) if not spec.symmetric else None
     amax_hi = wb.amax(-1, keepdim=True) if not spec.symmetric else amax0
-    xb = None
+    gram = None
     if x is not None and spec.block_size != 0:
+        # A block's output error mean_t (x_tg . d_og)^2 is d_og^T G_g d_og with G_g the block's slice of
+        # x^T x / T: exact, and out*in*b work per ratio instead of T*out*in.
         xb = to_blocks(x.detach().float(), spec.block_size)  # [T, n_blocks, b]
+        gram = torch.einsum("tgk,tgl->gkl", xb, xb) / xb.shape[0]
     gmax = w.abs().amax()
     best_err, best_r = None, None
     for r in ratios:
         qp = compute_qparams(w, spec, amax=amax_hi * r, amin=None if amin0 is None else amin0 * r, global_amax=gmax * r)
         d = dequantize_blocks(quantize_blocks(w, spec, qp), spec, qp, w.shape) - w
         db = to_blocks(d, spec.block_size)
-        if xb is not None:
-            err = torch.einsum("tgk,ogk->tog", xb, db).pow(2).mean(0).unsqueeze(-1)  # [out, n_blocks, 1]
+        if gram is not None:
+            err = torch.einsum("ogk,gkl,ogl->og", db, gram, db).unsqueeze(-1)  # [out, n_blocks, 1]
         elif x is not None:  # per-tensor: one block, judged by the whole output
             err = (x.float() @ d.T).pow(2).mean().reshape(1, 1)
         else:
