@@ -38,12 +38,12 @@ class RangeObserver:
         self.block_amax = cur if self.block_amax is None else torch.maximum(self.block_amax, cur)
         if self.method != "max":
             flat = x.reshape(-1)
-            keep = self.max_samples // 8
-            if flat.numel() > keep:  # small tensors are kept whole: resampling them would weigh some values twice
-                flat = flat[torch.randint(0, flat.numel(), (keep,), generator=self._gen)]
-            self.samples.append(flat.clone())
-            keep = len(flat)
-            self._n += keep
+            limit = self.max_samples // 8
+            # Small tensors are kept whole: resampling them would weigh some values twice.
+            sample = (flat[torch.randint(0, flat.numel(), (limit,), generator=self._gen)] if flat.numel() > limit
+                      else flat.clone())
+            self.samples.append(sample)
+            self._n += len(sample)
             if self._n > self.max_samples:  # keep the sample bounded: drop a random half
                 allv = torch.cat(self.samples)
                 self.samples = [allv[torch.randperm(len(allv), generator=self._gen)[: self.max_samples // 2]]]

@@ -85,7 +85,7 @@ def _apply_algorithm(name: str, q: QuantLinear, st: InputStats, opts: dict) -> N
     elif name == "awq" and q.weight_spec is not None:
         raw = torch.cat(st.sample)
         q.apply_smooth(awq_scale(q.weight, q.weight_spec, st.absmean / smooth, raw / smooth, opts["awq_grid"]))
-        if opts["awq_clip"]:  # 512 rows judge clipping well enough at half the cost of 1024
+        if opts["awq_clip"]:  # the clipping search is judged on the first 512 sample rows
             q.weight_qp = search_clip(q.weight, q.weight_spec, x=raw[:512] / q.smooth)
     elif name == "gptq" and q.weight_spec is not None:
         h = st.hessian / (smooth[:, None] * smooth[None, :])  # inputs are x / s once smoothed
