@@ -4,7 +4,9 @@ Two states:
 - *fake*: the float weight is kept and fake-quantized on every forward, with straight-through
   gradients (calibration searches and QAT work here);
 - *frozen*: the weight lives only as compact codes and scales (what is saved and counted as the
-  model's size); the forward dequantizes once and caches the float weight.
+  model's size). Eager forwards dequantize once and cache the float weight (fast evaluation) unless
+  `cache_dequantized` is off; inside `torch.compile` (the decode engine) the dequantization is part of
+  the graph and fuses with the matrix-vector product (`leanlm.kernels`), so no float copy exists.
 
 `smooth` (SmoothQuant, AWQ) is a per-input-channel scale ``s``: the stored weight is ``W * s`` and the
 input is divided by ``s`` before it is quantized, so the product is unchanged in exact arithmetic
@@ -18,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LeanLMError
-from .formats import QParams, QuantSpec, compute_qparams, dequantize_blocks, fake_quantize, quantize_blocks, to_blocks
+from ..kernels import linear
+from .formats import QParams, QuantSpec, compute_qparams, dequantize_blocks, fake_quantize, quantize_blocks
 from .packing import decode_qparams, decode_values, encode_qparams, encode_values
 
 # Buffers whose shapes are only known after calibration; restored from the saved file as they are.
@@ -41,6 +44,7 @@ class QuantLinear(nn.Module):
         for name in CALIBRATED_BUFFERS:
             self.register_buffer(name, None)
         self._dequant_cache: torch.Tensor | None = None
+        self.cache_dequantized = True
         self.bypass = False  # plain float forward (capturing calibration inputs and statistics)
         self.observers: dict | None = None  # {"input"/"output": RangeObserver} while calibrating ranges
 
@@ -63,6 +67,8 @@ class QuantLinear(nn.Module):
         if self.weight_spec is None:
             return self.weight
         if self.frozen:
+            if torch.compiler.is_compiling() or not self.cache_dequantized:
+                return self._dequantize_frozen()
             if self._dequant_cache is None:
                 self._dequant_cache = self._dequantize_frozen()
             return self._dequant_cache
@@ -94,8 +100,11 @@ class QuantLinear(nn.Module):
         self._dequant_cache = None
 
     def _blocked_shape(self) -> torch.Size:
-        probe = torch.empty(self.out_features, self.in_features, device="meta")
-        return to_blocks(probe, self.weight_spec.block_size).shape
+        b = self.weight_spec.block_size
+        if b == 0:
+            return torch.Size((1, self.out_features * self.in_features))
+        b = self.in_features if b == -1 else b
+        return torch.Size((self.out_features, -(-self.in_features // b), b))
 
     def _dequantize_frozen(self) -> torch.Tensor:
         spec = self.weight_spec
@@ -137,7 +146,7 @@ class QuantLinear(nn.Module):
             x = x / self.smooth.to(x.dtype)
         x = self._quantize_activation(x, "input")
         w = self.quantized_weight()
-        y = F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        y = linear(x, w, self.bias)
         return self._quantize_activation(y, "output")
 
     def extra_repr(self) -> str:

@@ -1,0 +1,245 @@
+"""The generation engine: prefill, then a compiled decode step over a preallocated KV cache.
+
+What transformers provides and is used as is: the model's own forward (any causal LM family whose
+attention takes a 4D mask and an explicit `position_ids`: Llama, Qwen2, Gemma-3, ...), its
+`StaticLayer` cache tensors, and `torch.compile`. What is written here and why:
+- `generate()`' per-token Python work (logits processors, stopping criteria, cache bookkeeping,
+  mask construction) costs more than the matrix products of a small model on a CPU; here a step is
+  one compiled call and an argmax.
+- The attention mask is built by the engine, inside the compiled step, from the cache length and
+  the tokens' positions: one code path serves plain decoding, verification of several tokens,
+  tree-shaped drafts (any ancestor mask) and sliding-window layers, with no recompilation per step.
+- The cache (`RollbackCache`) keeps every position, so it can be rolled back to any length.
+- Linear layers read their stored weights (float, or quantized codes) in one fused pass
+  (`leanlm.kernels`).
+
+Compiled graphs are keyed by the number of tokens per step (1 for decoding, k+1 to verify k
+drafted tokens); inductor's on-disk cache makes a second process's compile much cheaper. If
+compilation fails the engine says so once and runs the same step eagerly.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..kernels import use_fused_linears
+from .cache import RollbackCache
+
+
+@dataclass
+class Generation:
+    """Tokens generated after the prompt, and how long it took."""
+
+    tokens: list[int]
+    prompt_tokens: int
+    ttft_s: float  # prefill + first token
+    decode_s: float  # the remaining tokens
+    compile_s: float = 0.0  # compilation that happened inside this call (0 once warm)
+    stopped_by: str = "length"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = len(self.tokens) - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
+
+
+def _text_config(model: nn.Module):
+    cfg = model.config
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
+class Engine:
+    """Batch-1 generation for a HF causal LM (float or leanlm-quantized).
+
+    >>> eng = Engine(model, max_len=1024)
+    >>> out = eng.generate(tok("Hello", return_tensors="pt").input_ids[0], max_new_tokens=64)
+    """
+
+    def __init__(self, model: nn.Module, max_len: int = 2048, compile: bool = True):
+        from ..quant.linear import QuantLinear
+
+        self.model = model.eval()
+        cfg = _text_config(model)
+        self.num_layers = cfg.num_hidden_layers
+        self.vocab_size = cfg.vocab_size
+        types = getattr(cfg, "layer_types", None)
+        window = getattr(cfg, "sliding_window", None)
+        self.window = window if types and "sliding_attention" in types and window else None
+        self.uses_mask_dict = bool(types) and self._forward_takes_mask_dict(model)
+        self.max_len = max_len
+        self.cache = RollbackCache(self.num_layers, max_len)
+        self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        use_fused_linears(model)
+        for m in model.modules():
+            if isinstance(m, QuantLinear):  # decode from the codes; a float copy would double memory
+                m.cache_dequantized = False
+                m._dequant_cache = None
+        self.compile = compile
+        self._compiled = None
+        self._compiled_sizes: set[int] = set()
+        self.compile_s = 0.0  # total compile time spent by this engine
+        self.compile_error: str | None = None
+
+    @staticmethod
+    def _forward_takes_mask_dict(model: nn.Module) -> bool:
+        # Models with per-layer-type masks (Gemma-3, Qwen2) accept a {layer type: mask} dict.
+        import inspect
+
+        base = getattr(model, "model", model)
+        try:
+            src = inspect.getsource(type(base).forward)
+        except (OSError, TypeError):
+            return False
+        return "causal_mask_mapping" in src
+
+    # -- one step ---------------------------------------------------------------------------------
+    def _mask(self, positions: torch.Tensor, tree: torch.Tensor, start: torch.Tensor):
+        m = positions.shape[0]
+        kv = torch.arange(self.max_len)
+        rel = kv - start
+        rel_c = rel.clamp(0, m - 1)
+        in_block = (rel >= 0) & (rel < m)
+        allowed = (kv < start)[None, :] | (in_block[None, :] & tree[:, rel_c])
+        zero, neg = torch.zeros((), dtype=self.dtype), torch.tensor(torch.finfo(self.dtype).min, dtype=self.dtype)
+        full = torch.where(allowed, zero, neg)[None, None]
+        if not self.uses_mask_dict:
+            return full
+        masks = {"full_attention": full}
+        if self.window is not None:
+            kv_pos = torch.where(kv < start, kv, positions[rel_c])
+            near = positions[:, None] - kv_pos[None, :] < self.window
+            masks["sliding_attention"] = torch.where(allowed & near, zero, neg)[None, None]
+        else:
+            masks["sliding_attention"] = full
+        return masks
+
+    def _step(self, ids: torch.Tensor, positions: torch.Tensor, tree: torch.Tensor, last_only: bool):
+        start = self.cache.layers[0].cumulative_length
+        out = self.model(input_ids=ids[None], position_ids=positions[None],
+                         attention_mask=self._mask(positions, tree, start), past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=1 if last_only else 0)
+        return out.logits[0].float()
+
+    def _compiled_step(self, ids, positions, tree):
+        if self._compiled is None:
+            self._compiled = torch.compile(self._step, fullgraph=True, dynamic=False)
+        m = ids.shape[0]
+        first = m not in self._compiled_sizes
+        t = time.perf_counter()
+        try:
+            out = self._compiled(ids, positions, tree, False)
+        except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the same step, eagerly
+            self.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            warnings.warn(f"torch.compile failed ({self.compile_error}); decoding eagerly", stacklevel=3)
+            self.compile = False
+            return self._step(ids, positions, tree, False)
+        if first:
+            self._compiled_sizes.add(m)
+            self.compile_s += time.perf_counter() - t
+        return out
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
+                tree: torch.Tensor | None = None) -> torch.Tensor:
+        """Append `ids` (1D) to the cache and return their logits ``[len(ids), vocab]`` (float32).
+
+        `positions` default to consecutive positions after the cache; `tree` is a ``[n, n]`` boolean
+        mask of which new tokens each new token may attend to (default causal; for tree drafts, its
+        ancestors and itself). Few tokens run the compiled step; a long prompt runs eagerly.
+        """
+        n = ids.shape[0]
+        start = self.cache.length
+        if start + n > self.max_len:
+            raise ValueError(f"the engine's cache holds {self.max_len} tokens; {start} + {n} do not fit "
+                             "(create the Engine with a larger max_len)")
+        if positions is None:
+            positions = torch.arange(start, start + n)
+        if tree is None:
+            tree = torch.ones(n, n, dtype=torch.bool).tril()
+        if self.compile and n <= 16:
+            return self._compiled_step(ids, positions, tree)
+        return self._step(ids, positions, tree, False)
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Start a new sequence with `ids` (1D); returns the last token's logits."""
+        self.cache.set_length(0)
+        n = ids.shape[0]
+        if n > self.max_len:
+            raise ValueError(f"prompt of {n} tokens exceeds the engine's max_len {self.max_len}")
+        # Eager: prompt lengths vary, and one compiled graph per length would cost more than it saves.
+        return self._step(ids, torch.arange(n), torch.ones(n, n, dtype=torch.bool).tril(), True)[-1]
+
+    def rollback(self, length: int) -> None:
+        """Forget every cached token from position `length` on."""
+        self.cache.set_length(length)
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    # -- generation ---------------------------------------------------------------------------------
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 eos_token_id: int | list[int] | None = None, stream=None, seed: int | None = None) -> Generation:
+        """Greedy (temperature 0) or sampled continuation of `prompt` (1D token ids).
+
+        `stream(token_id)` is called for each new token as soon as it exists.
+        """
+        prompt = torch.as_tensor(prompt).reshape(-1)
+        if prompt.numel() + max_new_tokens > self.max_len:
+            raise ValueError(f"{prompt.numel()} prompt + {max_new_tokens} new tokens exceed the engine's max_len "
+                             f"{self.max_len}: create the Engine with a larger max_len")
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        compile_before = self.compile_s
+        t0 = time.perf_counter()
+        logits = self.prefill(prompt)
+        tokens: list[int] = []
+        stopped = "length"
+        t1 = None
+        while len(tokens) < max_new_tokens:
+            nxt = sample(logits, temperature, top_p, gen)
+            tokens.append(nxt)
+            if stream is not None:
+                stream(nxt)
+            if t1 is None:
+                t1 = time.perf_counter()
+            if nxt in eos:
+                stopped = "eos"
+                break
+            if len(tokens) == max_new_tokens:
+                break
+            logits = self.forward(torch.tensor([nxt]))[-1]
+        t2 = time.perf_counter()
+        return Generation(tokens, prompt.numel(), ttft_s=(t1 or t2) - t0, decode_s=t2 - (t1 or t2),
+                          compile_s=self.compile_s - compile_before, stopped_by=stopped)
+
+    def warmup(self, sizes=(1,)) -> float:
+        """Compile the step for the given token counts now (cheap when inductor's cache is warm)."""
+        if not self.compile:
+            return 0.0
+        before = self.compile_s
+        for n in sizes:
+            self.prefill(torch.zeros(1, dtype=torch.long))
+            self.forward(torch.zeros(n, dtype=torch.long))
+        self.rollback(0)
+        return self.compile_s - before
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> int:
+    """Next token from one row of logits: argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,55 @@
+"""Linear layers for decoding: one fused pass over the stored weight.
+
+At batch 1 a decoder is a chain of matrix-vector products and reads every weight once per token.
+On CPU, MKL/oneDNN's GEMV reaches about a third of the machine's read bandwidth on these shapes
+(bench/decode.py prints both), and a quantized weight must first be dequantized into a float copy.
+Inside `torch.compile`, the same product written as a multiply-reduce lets inductor emit one
+vectorized loop that reads the stored codes (int8, packed int4, fp8, e2m1 + scales), dequantizes in
+registers and accumulates in float32: near the bandwidth limit, and without a float copy of the
+weight. Outside compiled code (eager, prefill with many rows) it is plain `F.linear`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Rows up to which the fused reduction beats a dequantize + GEMM (verification of short drafts).
+FUSED_MAX_ROWS = 16
+
+
+def fused_rows(x: torch.Tensor) -> bool:
+    """True when `x @ w.T` should be written as the fused reduction (compiling, few rows)."""
+    return torch.compiler.is_compiling() and x.numel() // x.shape[-1] <= FUSED_MAX_ROWS
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`; `weight` may be an expression (a dequantization) that inductor fuses."""
+    if fused_rows(x):
+        y = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+class FusedLinear(nn.Linear):
+    """An `nn.Linear` whose compiled decode path is the fused reduction (same parameters, same state dict).
+
+    The engine switches a model's `nn.Linear` modules to this class in place (`use_fused_linears`);
+    eager results are bit-identical to `nn.Linear`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_fused_linears(model: nn.Module) -> int:
+    """Switch every plain `nn.Linear` of `model` to `FusedLinear`; returns how many were switched."""
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = FusedLinear
+            n += 1
+    return n
