@@ -53,3 +53,33 @@ def use_fused_linears(model: nn.Module) -> int:
             m.__class__ = FusedLinear
             n += 1
     return n
+
+
+# -- INT4 groups: PyTorch's CPU int4 kernel ---------------------------------------------------------
+# For 4-bit codes inductor's generated loops cost far more per byte than the read (nibble unpacking
+# on byte vectors); PyTorch's tinygemm CPU kernel does it in hand-written SIMD. It wants bf16
+# activations, groups of 32..256 dividing K (partial groups are padded) and N a multiple of 16.
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+
+
+def int4_kernel_fits(out_features: int, group: int) -> bool:
+    return group in INT4_KERNEL_GROUPS and out_features % 16 == 0
+
+
+def pack_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unsigned codes ``[N, K]`` (0..15, K a multiple of the group) with ``w = (q - 8) * scale + zero``
+    per group (``[N, G]``) to the kernel's packed weight and ``[G, N, 2]`` bf16 scales-and-zeros."""
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return packed, sz
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    k_pad = packed.shape[1] * 2
+    lead = x.shape[:-1]
+    x2 = torch.nn.functional.pad(x.reshape(-1, x.shape[-1]), (0, k_pad - x.shape[-1])).to(torch.bfloat16)
+    y = torch._weight_int4pack_mm_for_cpu(x2, packed, group, scales_zeros)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*lead, -1).to(x.dtype)

@@ -24,6 +24,7 @@ class RollbackCache(Cache):
         layer = self.layers[0]
         return int(layer.cumulative_length) if layer.is_initialized else 0
 
+    @torch.inference_mode()
     def set_length(self, n: int) -> None:
         """Roll back (or forward) to `n` cached tokens; entries at and beyond `n` are dead."""
         if not 0 <= n <= self.max_len:
@@ -31,6 +32,7 @@ class RollbackCache(Cache):
         for layer in self.layers:
             layer.cumulative_length.fill_(n)
 
+    @torch.inference_mode()
     def keep(self, slots: list[int], start: int) -> None:
         """Move the entries at absolute `slots` to `start, start+1, ...` and set the length after them.
 

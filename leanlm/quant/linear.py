@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LeanLMError
-from ..kernels import linear
-from .formats import QParams, QuantSpec, compute_qparams, dequantize_blocks, fake_quantize, quantize_blocks
-from .packing import decode_qparams, decode_values, encode_qparams, encode_values
+from ..kernels import FUSED_MAX_ROWS, fused_rows, int4_kernel_fits, int4_linear, linear, pack_int4
+from .formats import (QParams, QuantSpec, compute_qparams, dequantize_blocks, effective_scale, fake_quantize,
+                      quantize_blocks)
+from .packing import decode_pairs, decode_qparams, decode_values, encode_qparams, encode_values
 
 # Buffers whose shapes are only known after calibration; restored from the saved file as they are.
 CALIBRATED_BUFFERS = ("smooth", "input_amax", "output_amax")
@@ -45,6 +46,7 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, None)
         self._dequant_cache: torch.Tensor | None = None
         self.cache_dequantized = True
+        self._int4_kernel = None  # (packed, scales_zeros, group) once `prepare_decode` built it
         self.bypass = False  # plain float forward (capturing calibration inputs and statistics)
         self.observers: dict | None = None  # {"input"/"output": RangeObserver} while calibrating ranges
 
@@ -106,12 +108,68 @@ class QuantLinear(nn.Module):
         b = self.in_features if b == -1 else b
         return torch.Size((self.out_features, -(-self.in_features // b), b))
 
+    def _frozen_qparams(self) -> QParams:
+        names = ("scale", "zero", "global_scale")
+        return decode_qparams({k: self._buffers.get(f"weight_{k}") for k in names}, self.weight_spec)
+
     def _dequantize_frozen(self) -> torch.Tensor:
         spec = self.weight_spec
         q = decode_values(self.weight_codes, spec, self._blocked_shape())
-        qp = decode_qparams({k: self._buffers.get(f"weight_{k}") for k in ("scale", "zero", "global_scale")}, spec)
-        w = dequantize_blocks(q, spec, qp, torch.Size((self.out_features, self.in_features)))
+        w = dequantize_blocks(q, spec, self._frozen_qparams(), torch.Size((self.out_features, self.in_features)))
         return w.to(getattr(self, "_weight_dtype", torch.float32))
+
+    def _fused_frozen_product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` straight from the codes, block by block, for few rows inside torch.compile.
+
+        Written so that inductor emits one loop over the stored bytes: per block, codes (both nibbles
+        of a 4-bit byte at once, against the even and odd inputs) times inputs, times the block scale.
+        """
+        spec, n, k = self.weight_spec, self.out_features, self.in_features
+        b = {0: k, -1: k}.get(spec.block_size, spec.block_size)
+        groups = -(-k // b)
+        qp = self._frozen_qparams()
+        s = effective_scale(qp).reshape(-1, groups, 1) if spec.block_size else effective_scale(qp).reshape(1, 1, 1)
+        z = None if qp.zero is None else qp.zero.reshape(s.shape)
+        xb = torch.nn.functional.pad(x.float(), (0, groups * b - k)).reshape(*x.shape[:-1], 1, groups, b)
+        if spec.element.bits <= 4:
+            lo, hi = decode_pairs(self.weight_codes, spec, (n, groups, b // 2))
+            if z is not None:
+                lo, hi = lo - z, hi - z
+            y = ((lo * xb[..., 0::2] + hi * xb[..., 1::2]) * s).sum((-1, -2))
+        else:
+            q = decode_values(self.weight_codes, spec, torch.Size((n, groups, b)))
+            if z is not None:
+                q = q - z
+            y = (q * xb * s).sum((-1, -2))
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+    def prepare_decode(self) -> bool:
+        """Decode from the codes from now on (no float copy); for INT4 groups, also build PyTorch's
+        CPU int4 kernel layout (same size as the codes). Returns True if the int4 kernel is used."""
+        self.cache_dequantized = False
+        self._dequant_cache = None
+        spec = self.weight_spec
+        if not (self.frozen and spec.format == "int4" and spec.block_size > 0
+                and int4_kernel_fits(self.out_features, spec.block_size)):
+            return False
+        shape = self._blocked_shape()
+        q = decode_values(self.weight_codes, spec, shape)  # [N, G, g], partial group zero-padded
+        qp = self._frozen_qparams()
+        s = effective_scale(qp).reshape(shape[0], shape[1])
+        if spec.symmetric:
+            zero = torch.zeros_like(s)
+            q = q + 8
+        else:  # (q - z) * s == (q - 8) * s + (8 - z) * s
+            zero = (8 - qp.zero.reshape(s.shape)) * s
+        packed, sz = pack_int4(q.reshape(shape[0], -1), s, zero)
+        self._int4_kernel = (packed, sz, spec.block_size)
+        return True
+
+    def _even_blocks(self) -> bool:
+        b = {0: self.in_features, -1: self.in_features}.get(self.weight_spec.block_size, self.weight_spec.block_size)
+        return b % 2 == 0 and (self.weight_spec.block_size != 0 or self.in_features % 2 == 0)
 
     def allocate_frozen(self, dtype: torch.dtype = torch.float32) -> None:
         """Create empty frozen buffers of the right shapes so a saved state dict can be loaded into them."""
@@ -121,6 +179,7 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._dequant_cache = None
+        self._int4_kernel = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     # -- forward --------------------------------------------------------------------------------
@@ -145,8 +204,13 @@ class QuantLinear(nn.Module):
         if self.smooth is not None:
             x = x / self.smooth.to(x.dtype)
         x = self._quantize_activation(x, "input")
-        w = self.quantized_weight()
-        y = linear(x, w, self.bias)
+        if self._int4_kernel is not None and self.frozen and x.numel() // x.shape[-1] <= FUSED_MAX_ROWS:
+            packed, sz, group = self._int4_kernel
+            y = int4_linear(x, packed, sz, group, self.bias)
+        elif self.frozen and fused_rows(x) and (self.weight_spec.element.bits > 4 or self._even_blocks()):
+            y = self._fused_frozen_product(x)
+        else:
+            y = linear(x, self.quantized_weight(), self.bias)
         return self._quantize_activation(y, "output")
 
     def extra_repr(self) -> str:

@@ -50,6 +50,22 @@ def decode_values(stored: torch.Tensor, spec: QuantSpec, shape: torch.Size) -> t
     return stored.float().reshape(shape)
 
 
+def decode_pairs(stored: torch.Tensor, spec: QuantSpec, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit codes as two float32 tensors of `shape`: the even- and odd-indexed elements of each block.
+
+    Each byte holds elements 2i (low nibble) and 2i+1 (high nibble), so reading the two halves
+    separately needs no interleaving: a fused kernel reads each byte once.
+    """
+    p = stored.reshape(shape)
+    lo, hi = p & 0xF, p >> 4
+    if spec.element.kind == "float":
+        return e2m1_from_codes(lo), e2m1_from_codes(hi)
+    if spec.symmetric:
+        return (lo.to(torch.int8) - ((lo >= 8).to(torch.int8) << 4)).float(), \
+            (hi.to(torch.int8) - ((hi >= 8).to(torch.int8) << 4)).float()
+    return lo.float(), hi.float()
+
+
 def encode_qparams(qp: QParams, spec: QuantSpec) -> dict[str, torch.Tensor]:
     """Scales in their storage format: fp32, E4M3 bytes (+ fp32 global scale) or E8M0 exponent bytes."""
     out: dict[str, torch.Tensor] = {}
