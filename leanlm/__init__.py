@@ -6,9 +6,11 @@ Public API::
     leanlm.quantize(model, "w4a16_rtn")               # preset, recipe file, dict or Recipe
     result = leanlm.evaluate(model, tok, data="wiki", max_tokens=8192, speed=True)
     leanlm.save(model, tok, "out/smollm2-w4")         # atomic; load() restores it quantized
+    text, gen = leanlm.generate(model, tok, "The capital of France", max_new_tokens=32)
 """
 
 from .data import calibration_batches, documents, eval_tokens, split_text
+from .engine import Engine, generate
 from .errors import LeanLMError
 from .eval import evaluate, measure_speed, model_size, perplexity
 from .eval.report import format_table, load_results, write_report
@@ -20,8 +22,8 @@ from .quant.recipes import PRESETS, Recipe, get_recipe
 __version__ = "0.1.0"
 
 __all__ = [
-    "BUILTIN_MODELS", "DEFAULT_MODEL", "LeanLMError", "PRESETS", "QuantSpec", "Recipe",
+    "BUILTIN_MODELS", "DEFAULT_MODEL", "Engine", "LeanLMError", "PRESETS", "QuantSpec", "Recipe",
     "calibration_batches", "convert_gguf", "documents", "eval_tokens", "evaluate", "format_table",
-    "get_recipe", "list_models", "load", "load_results", "measure_speed", "model_size", "perplexity",
+    "generate", "get_recipe", "list_models", "load", "load_results", "measure_speed", "model_size", "perplexity",
     "prepare", "quantize", "save", "split_text", "write_report",
 ]

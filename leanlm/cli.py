@@ -128,6 +128,30 @@ def cmd_compare(args) -> None:
         print(f"report: {paths['html']}")
 
 
+def cmd_generate(args) -> None:
+    import torch
+
+    from .engine import generate
+    from .eval.bandwidth import measure_read_bandwidth, weight_bytes_per_token
+    from .models import load
+
+    model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
+    if args.dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    _, gen = generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_p=args.top_p, seed=args.seed, chat=args.chat, compile=not args.no_compile,
+                      stream=lambda s: print(s, end="", flush=True))
+    print()
+    stats = (f"{len(gen.tokens)} tokens ({gen.stopped_by}); time to first token {gen.ttft_s * 1e3:.0f} ms; "
+             f"decode {gen.decode_tokens_per_s:.1f} tokens/s")
+    if gen.compile_s:
+        stats += f"; compiled in {gen.compile_s:.1f}s (cached for later runs)"
+    if args.stats:
+        bound = measure_read_bandwidth() / weight_bytes_per_token(model)
+        stats += f"; bandwidth bound {bound:.0f} tokens/s ({100 * gen.decode_tokens_per_s / bound:.0f}% of it)"
+    print(stats, file=sys.stderr)
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -187,6 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("results", nargs="+")
     s.add_argument("--out", help="folder for report.json/.md/.html")
     s.set_defaults(fn=cmd_compare)
+
+    s = sub.add_parser("generate", help="stream a continuation of a prompt from any model, float or quantized")
+    model_args(s)
+    s.add_argument("prompt")
+    s.add_argument("--max-new-tokens", type=_positive, default=128)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    s.add_argument("--dtype", choices=["float32", "bf16"], default="float32",
+                   help="activation/float-weight dtype (bf16 halves the bytes read per token)")
+    s.add_argument("--no-compile", action="store_true", help="decode eagerly (no torch.compile)")
+    s.add_argument("--stats", action="store_true", help="also measure read bandwidth and print the bound")
+    s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("demo", help="float vs INT8 vs INT4 weight-only on the default model, with a report")
     s.add_argument("--model", default="smollm2-135m")

@@ -45,14 +45,12 @@ class FusedLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def use_fused_linears(model: nn.Module) -> int:
-    """Switch every plain `nn.Linear` of `model` to `FusedLinear`; returns how many were switched."""
-    n = 0
-    for m in model.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = FusedLinear
-            n += 1
-    return n
+def use_fused_linears(model: nn.Module) -> list[nn.Linear]:
+    """Switch every plain `nn.Linear` of `model` to `FusedLinear`; returns the switched modules."""
+    switched = [m for m in model.modules() if type(m) is nn.Linear]
+    for m in switched:
+        m.__class__ = FusedLinear
+    return switched
 
 
 # -- INT4 groups: PyTorch's CPU int4 kernel ---------------------------------------------------------

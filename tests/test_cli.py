@@ -88,3 +88,22 @@ def test_quantize_without_needed_calibration(tmp_path, tiny_model_dir, capsys):
     assert main(["quantize", str(tiny_model_dir), "--recipe", "w4a16_awq", "--out", str(tmp_path / "q")]) == 2
     assert "calibrates on data: pass --calib" in _error_line(capsys)
     assert not (tmp_path / "q").exists()
+
+
+def test_generate_streams_text_and_stats(tiny_model_dir, capsys):
+    assert main(["generate", str(tiny_model_dir), "Once upon a time", "--max-new-tokens", "6", "--no-compile"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip()  # some text was streamed
+    assert "6 tokens (length)" in out.err and "tokens/s" in out.err
+
+
+def test_generate_chat_without_template_is_one_line_error(tiny_model_dir, capsys):
+    import json as _json
+
+    cfg = tiny_model_dir / "tokenizer_config.json"
+    data = _json.loads(cfg.read_text())
+    data.pop("chat_template", None)
+    cfg.write_text(_json.dumps(data))
+    (tiny_model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    assert main(["generate", str(tiny_model_dir), "hi", "--chat", "--no-compile"]) == 2
+    assert "no chat template" in _error_line(capsys)

@@ -143,3 +143,35 @@ def test_sampling_is_seeded_and_respects_top_p():
     assert a == [sample(logits, 1.0, 1.0, g2) for _ in range(20)]
     assert {sample(logits, 1.0, 0.5, g1) for _ in range(50)} == {1}
     assert sample(logits) == 1
+
+
+def test_streaming_text_waits_for_whole_characters():
+    class Tok:  # bytes per token; decode like a byte-level BPE tokenizer
+        table = {0: b"caf", 1: b"\xc3", 2: b"\xa9", 3: b"!"}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return b"".join(self.table[i] for i in ids).decode("utf-8", errors="replace")
+
+    from leanlm.engine import StreamingText
+
+    pieces = []
+    s = StreamingText(Tok(), pieces.append)
+    for t in (0, 1, 2, 3):
+        s(t)
+    assert pieces == ["caf", "é", "!"]
+
+
+def test_measure_speed_gives_the_model_back_unchanged():
+    from leanlm.eval.speed import measure_speed
+
+    model = tiny_llama()
+    leanlm.quantize(model, "w4a16_rtn_g64", progress=False)
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        before = model(x).logits
+    r = measure_speed(model, prompt_tokens=8, new_tokens=4, repeats=1, compile=False)
+    assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
+    assert model.config._attn_implementation == "sdpa"
+    assert type(model.lm_head) is torch.nn.Linear  # the engine's FusedLinear class was switched back
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x).logits, before)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create one venv per peer toolkit under bench/peers/.venv-<peer> (idempotent; a stamp marks a finished one).
-#   bench/peers/setup.sh [modelopt|llmcompressor|all]
+#   bench/peers/setup.sh [modelopt|llmcompressor|torchao|all]
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -14,6 +14,8 @@ peer_spec() {
     case "$1" in
         modelopt) echo "nvidia-modelopt[hf]==0.47.0" ;;
         llmcompressor) echo "llmcompressor==0.14.0.1" ;;
+        # torchao brings no transformers of its own; bench/decode.py runs HF models through it.
+        torchao) echo "torchao==0.18.0 transformers==5.17.0 accelerate" ;;
         *) return 1 ;;
     esac
 }
@@ -34,20 +36,21 @@ setup_peer() {
     echo "[$peer] installing $TORCH (CPU wheel from disk)"
     "${pip[@]}" "$TORCH" || fail "pip install $TORCH"
     echo "[$peer] installing $spec ${COMMON[*]}"
-    "${pip[@]}" "$spec" "${COMMON[@]}" || fail "pip install $spec"
+    read -r -a spec_args <<< "$spec"
+    "${pip[@]}" "${spec_args[@]}" "${COMMON[@]}" || fail "pip install $spec"
     local have
     have="$("$venv/bin/python" -c 'import torch; print(torch.__version__)')" || fail "torch does not import"
     [[ "$have" == 2.13.0* ]] || fail "torch $have was installed instead of 2.13.0"
     echo "$TORCH $spec ${COMMON[*]}" > "$stamp"
     echo "[$peer] done: $("$venv/bin/python" -m pip list --disable-pip-version-check 2>/dev/null \
-        | grep -iE '^(torch|transformers|nvidia-modelopt|llmcompressor|compressed-tensors) ' | tr -s ' ' | paste -sd ';')"
+        | grep -iE '^(torch|torchao|transformers|nvidia-modelopt|llmcompressor|compressed-tensors) ' | tr -s ' ' | paste -sd ';')"
 }
 
 target="${1:-all}"
 case "$target" in
-    all) peers=(modelopt llmcompressor) ;;
-    modelopt|llmcompressor) peers=("$target") ;;
-    *) echo "usage: $0 [modelopt|llmcompressor|all]" >&2; exit 2 ;;
+    all) peers=(modelopt llmcompressor torchao) ;;
+    modelopt|llmcompressor|torchao) peers=("$target") ;;
+    *) echo "usage: $0 [modelopt|llmcompressor|torchao|all]" >&2; exit 2 ;;
 esac
 for p in "${peers[@]}"; do setup_peer "$p"; done
 echo "peer venvs ready: ${peers[*]}"

@@ -2,5 +2,6 @@
 
 from .cache import RollbackCache
 from .engine import Engine, Generation, sample
+from .text import StreamingText, generate
 
-__all__ = ["Engine", "Generation", "RollbackCache", "sample"]
+__all__ = ["Engine", "Generation", "RollbackCache", "StreamingText", "generate", "sample"]

@@ -84,13 +84,15 @@ class Engine:
         self.max_len = max_len
         self.cache = RollbackCache(self.num_layers, max_len)
         self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        self._restore_attn = []
         for c in {id(c): c for c in (model.config, cfg)}.values():
             if getattr(c, "_attn_implementation", None) == "sdpa":
                 c._attn_implementation = "eager"
-        use_fused_linears(model)
-        for m in model.modules():
-            if isinstance(m, QuantLinear):  # decode from the codes; a float copy would double memory
-                m.prepare_decode()
+                self._restore_attn.append(c)
+        self._fused = use_fused_linears(model)
+        self._quant_linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        for m in self._quant_linears:  # decode from the codes; a float copy would double memory
+            m.prepare_decode()
         self.compile = compile
         self._compiled = None
         self._compiled_sizes: set[int] = set()
@@ -108,6 +110,24 @@ class Engine:
         except (OSError, TypeError):
             return False
         return "causal_mask_mapping" in src
+
+    def close(self) -> None:
+        """Give the model back as it was (attention path, linear classes, dequantization cache)."""
+        for c in self._restore_attn:
+            c._attn_implementation = "sdpa"
+        for m in self._fused:
+            m.__class__ = nn.Linear
+        for m in self._quant_linears:
+            m.release_decode()
+        self._restore_attn, self._fused, self._quant_linears = [], [], []
+        self.cache = RollbackCache(self.num_layers, self.max_len)
+        self._compiled = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- one step ---------------------------------------------------------------------------------
     def _mask(self, positions: torch.Tensor, tree: torch.Tensor, start: torch.Tensor):

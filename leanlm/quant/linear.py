@@ -167,6 +167,11 @@ class QuantLinear(nn.Module):
         self._int4_kernel = (packed, sz, spec.block_size)
         return True
 
+    def release_decode(self) -> None:
+        """Undo `prepare_decode`: eager forwards cache the dequantized weight again."""
+        self.cache_dequantized = True
+        self._int4_kernel = None
+
     def _even_blocks(self) -> bool:
         b = {0: self.in_features, -1: self.in_features}.get(self.weight_spec.block_size, self.weight_spec.block_size)
         return b % 2 == 0 and (self.weight_spec.block_size != 0 or self.in_features % 2 == 0)

@@ -1,0 +1,83 @@
+"""torchao's CPU weight-only paths on a HF model, compiled, decoding at batch 1 (run in bench/peers/.venv-torchao).
+
+Int8WeightOnlyConfig and PrototypeInt4WeightOnlyConfig (PyTorch's CPU tinygemm int4 kernel) on a
+bf16 model; the forward is compiled with torch.compile and `generate` uses a static cache, as
+torchao's own examples do. Prints nothing; writes one JSON result (bench/decode.py reads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def stored_bytes(model) -> int:
+    """Bytes of parameters and buffers as stored, looking inside torchao's tensor subclasses."""
+
+    def size(t) -> int:
+        if hasattr(t, "__tensor_flatten__"):
+            names, _ = t.__tensor_flatten__()
+            return sum(size(getattr(t, n)) for n in names)
+        return t.numel() * t.element_size()
+
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += size(t)
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or out.weight is not emb.weight:  # an untied embedding lookup reads one row
+        total -= size(emb.weight) - emb.weight.shape[-1] * 2
+    return total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variant", required=True, choices=["int8", "int4_g64", "int4_g128"])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--prompt-ids", required=True)
+    ap.add_argument("--result", required=True)
+    args = ap.parse_args()
+
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
+    if args.variant == "int8":
+        config = Int8WeightOnlyConfig()
+    else:
+        from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+
+        config = PrototypeInt4WeightOnlyConfig(group_size=int(args.variant.split("_g")[1]))
+    quantize_(model, config)  # linear layers of the decoder; lm_head too, as torchao's default filter does
+    model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    ids = torch.tensor(json.loads(args.prompt_ids))[None]
+    n = args.new_tokens
+
+    def gen(k):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                                 cache_implementation="static")
+        return time.perf_counter() - t, out[0, ids.shape[1]:].tolist()
+
+    t = time.perf_counter()
+    gen(n)  # compiles prefill and decode
+    warm = time.perf_counter() - t
+    first = min(gen(1)[0] for _ in range(args.repeats))
+    full, tokens = min(gen(n) for _ in range(args.repeats))
+    out = {"toolkit": "torchao", "variant": args.variant, "decode_tokens_per_s": (n - 1) / (full - first),
+           "ttft_s": first, "weight_bytes_per_token": stored_bytes(model), "warmup_s": warm, "tokens": tokens}
+    Path(args.result).write_text(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

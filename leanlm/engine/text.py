@@ -1,0 +1,58 @@
+"""Text in, text out: `leanlm.generate` and the streaming detokenizer behind `leanlm generate`."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import LeanLMError
+from .engine import Engine, Generation
+
+
+class StreamingText:
+    """Turns tokens into text as they arrive, emitting only complete characters (a multi-byte
+    character split across tokens appears once all its tokens are in)."""
+
+    def __init__(self, tokenizer, emit):
+        self.tokenizer, self.emit = tokenizer, emit
+        self.tokens: list[int] = []
+        self.sent = 0
+
+    def __call__(self, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # incomplete UTF-8 sequence: wait for the next token
+            return
+        self.emit(text[self.sent:])
+        self.sent = len(text)
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise LeanLMError("this model's tokenizer has no chat template: drop --chat")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_dict=False)
+        return torch.tensor(ids if isinstance(ids, list) else ids["input_ids"])
+    ids = tokenizer(prompt).input_ids
+    if not ids:
+        raise LeanLMError("the prompt is empty: pass some text")
+    return torch.tensor(ids)
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int | None = None, chat: bool = False, compile: bool = True, stream=None) -> tuple[str, Generation]:
+    """Continue `prompt` (greedy at temperature 0); returns the new text and the `Generation`
+    (tokens, time to first token, decode tokens/s). `stream(text)` receives text as it is produced."""
+    ids = encode_prompt(tokenizer, prompt, chat)
+    pieces: list[str] = []
+
+    def emit(s: str) -> None:
+        pieces.append(s)
+        if stream is not None:
+            stream(s)
+
+    detok = StreamingText(tokenizer, emit)
+    with Engine(model, max_len=ids.numel() + max_new_tokens + 8, compile=compile) as eng:
+        gen = eng.generate(ids, max_new_tokens, temperature=temperature, top_p=top_p,
+                           eos_token_id=tokenizer.eos_token_id, stream=detok, seed=seed)
+    return "".join(pieces), gen
