@@ -58,7 +58,7 @@ def run_ours(args) -> dict:
         leanlm.quantize(model, recipe, progress=False)
     model = model.to(getattr(torch, dtype))
     ids = torch.tensor(json.loads(args.prompt_ids))
-    eng = Engine(model, max_len=ids.numel() + args.new_tokens + 8)
+    eng = Engine(model, max_len=ids.numel() + args.new_tokens + 8, cpp_wrapper=not args.python_wrapper)
     t = time.perf_counter()
     eng.warmup()
     warm_s = time.perf_counter() - t
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-peers", action="store_true", help="skip torchao")
+    ap.add_argument("--python-wrapper", action="store_true",
+                    help="compile without inductor's C++ wrapper (faster cold compile, slower decode)")
     ap.add_argument("--out", default=str(RESULTS / "decode.json"))
     # child mode
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -156,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = str(prepare(name))
         ids = prompt_ids(AutoTokenizer.from_pretrained(folder), args.prompt_tokens)
         common = ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--prompt-ids", json.dumps(ids)]
+        common += ["--python-wrapper"] if args.python_wrapper else []
         bws = [measure_read_bandwidth()]
         rows = []
         for v in variants:
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             rows[-1].setdefault("variant", v)
         for v in [v for v in HF_VARIANTS if v in variants]:
             print(f"[{name}] transformers generate {v} ...", flush=True)
-            rows.append(spawn([sys.executable, __file__, "--one", v, "--hf", "--model", folder] + common,
+            rows.append(spawn([sys.executable, __file__, "--one", v, "--hf", "--model", folder] + common[:6],
                               f"generate {v}"))
             rows[-1].setdefault("toolkit", "transformers generate")
             rows[-1].setdefault("variant", v)
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "error": "bench/peers/.venv-torchao missing: run bench/peers/setup.sh torchao"})
                     continue
                 rows.append(spawn([str(torchao_py), str(PEERS / "torchao_decode.py"), "--variant", v,
-                                   "--model", folder] + common, f"torchao {v}"))
+                                   "--model", folder] + common[:6], f"torchao {v}"))
                 rows[-1].setdefault("toolkit", "torchao")
                 rows[-1].setdefault("variant", v)
         bws.append(measure_read_bandwidth())
