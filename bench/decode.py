@@ -6,8 +6,8 @@
 
 Every variant runs in its own process (torchao's in its venv, bench/peers/setup.sh torchao). The
 bound is bytes of weights read per decoded token / read bandwidth, where the bandwidth is the best
-large-array read measured in this run (before and after the variants, so a noisy neighbour shows as
-a spread). Writes a table to stdout and JSON to bench/results/decode.json.
+large-array read measured in this run (before every variant and at the end: on a shared machine a
+single reading can be a third low, so the bound uses the best and the table shows the spread). Writes a table to stdout and JSON to bench/results/decode.json.
 """
 
 from __future__ import annotations
@@ -163,11 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for v in variants:
             print(f"[{name}] leanlm {v} ...", flush=True)
+            bws.append(measure_read_bandwidth())
             rows.append(spawn([sys.executable, __file__, "--one", v, "--model", folder] + common, f"leanlm {v}"))
             rows[-1].setdefault("toolkit", "leanlm")
             rows[-1].setdefault("variant", v)
         for v in [v for v in HF_VARIANTS if v in variants]:
             print(f"[{name}] transformers generate {v} ...", flush=True)
+            bws.append(measure_read_bandwidth())
             rows.append(spawn([sys.executable, __file__, "--one", v, "--hf", "--model", folder] + common[:6],
                               f"generate {v}"))
             rows[-1].setdefault("toolkit", "transformers generate")
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_peers:
             for v in [v for v in TORCHAO_VARIANTS if v in variants]:
                 print(f"[{name}] torchao {v} ...", flush=True)
+                bws.append(measure_read_bandwidth())
                 if not torchao_py.exists():
                     rows.append({"toolkit": "torchao", "variant": v,
                                  "error": "bench/peers/.venv-torchao missing: run bench/peers/setup.sh torchao"})
@@ -202,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_table(name: str, bws: list[float], rows: list[dict]) -> str:
-    lines = [f"\n{name}: read bandwidth {', '.join(f'{b / 1e9:.1f}' for b in bws)} GB/s (bound uses the best)",
+    lines = [f"\n{name}: read bandwidth {min(bws) / 1e9:.1f}..{max(bws) / 1e9:.1f} GB/s over {len(bws)} readings "
+             "(the bound uses the best)",
              f"{'toolkit':<22} {'variant':<10} {'MB/token':>9} {'decode tok/s':>13} {'bound':>7} {'% bound':>8} "
              f"{'x generate fp32':>16} {'TTFT ms':>8} {'compile s':>10}"]
     for r in rows:

@@ -175,3 +175,13 @@ def test_measure_speed_gives_the_model_back_unchanged():
     assert type(model.lm_head) is torch.nn.Linear  # the engine's FusedLinear class was switched back
     with torch.inference_mode():
         torch.testing.assert_close(model(x).logits, before)
+
+
+def test_weight_bytes_per_token_counts_what_a_token_reads():
+    def every(m):  # parameters (a tied table once) and buffers (rotary frequencies)
+        return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+
+    tied, untied = tiny_llama(), tiny_qwen2()
+    assert weight_bytes_per_token(tied) == every(tied)  # tied: the table is read whole by lm_head
+    emb = untied.get_input_embeddings().weight
+    assert weight_bytes_per_token(untied) == every(untied) - emb.numel() * 4 + emb.shape[1] * 4

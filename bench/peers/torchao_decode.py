@@ -57,7 +57,10 @@ def main() -> int:
 
         config = PrototypeInt4WeightOnlyConfig(group_size=int(args.variant.split("_g")[1]))
     quantize_(model, config)  # linear layers of the decoder; lm_head too, as torchao's default filter does
-    model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    # generate() calls the forward with a prefill shape and a decode shape (and Gemma-3 with
+    # per-layer-type masks): allow the recompiles rather than failing on the default limit.
+    torch._dynamo.config.cache_size_limit = 64
+    model.forward = torch.compile(model.forward, dynamic=False)
     ids = torch.tensor(json.loads(args.prompt_ids))[None]
     n = args.new_tokens
 
