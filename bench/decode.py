@@ -158,19 +158,19 @@ def main(argv: list[str] | None = None) -> int:
         folder = str(prepare(name))
         ids = prompt_ids(AutoTokenizer.from_pretrained(folder), args.prompt_tokens)
         common = ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--prompt-ids", json.dumps(ids)]
-        common += ["--python-wrapper"] if args.python_wrapper else []
+        ours = common + (["--python-wrapper"] if args.python_wrapper else [])
         bws = [measure_read_bandwidth()]
         rows = []
         for v in variants:
             print(f"[{name}] leanlm {v} ...", flush=True)
             bws.append(measure_read_bandwidth())
-            rows.append(spawn([sys.executable, __file__, "--one", v, "--model", folder] + common, f"leanlm {v}"))
+            rows.append(spawn([sys.executable, __file__, "--one", v, "--model", folder] + ours, f"leanlm {v}"))
             rows[-1].setdefault("toolkit", "leanlm")
             rows[-1].setdefault("variant", v)
         for v in [v for v in HF_VARIANTS if v in variants]:
             print(f"[{name}] transformers generate {v} ...", flush=True)
             bws.append(measure_read_bandwidth())
-            rows.append(spawn([sys.executable, __file__, "--one", v, "--hf", "--model", folder] + common[:6],
+            rows.append(spawn([sys.executable, __file__, "--one", v, "--hf", "--model", folder] + common,
                               f"generate {v}"))
             rows[-1].setdefault("toolkit", "transformers generate")
             rows[-1].setdefault("variant", v)
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "error": "bench/peers/.venv-torchao missing: run bench/peers/setup.sh torchao"})
                     continue
                 rows.append(spawn([str(torchao_py), str(PEERS / "torchao_decode.py"), "--variant", v,
-                                   "--model", folder] + common[:6], f"torchao {v}"))
+                                   "--model", folder] + common, f"torchao {v}"))
                 rows[-1].setdefault("toolkit", "torchao")
                 rows[-1].setdefault("variant", v)
         bws.append(measure_read_bandwidth())

@@ -19,9 +19,14 @@ from torch import nn
 FUSED_MAX_ROWS = 16
 
 
+def few_rows(x: torch.Tensor) -> bool:
+    """True when `x` (``[..., K]``) has at most `FUSED_MAX_ROWS` rows: a decode or verification step."""
+    return x.numel() // x.shape[-1] <= FUSED_MAX_ROWS
+
+
 def fused_rows(x: torch.Tensor) -> bool:
     """True when `x @ w.T` should be written as the fused reduction (compiling, few rows)."""
-    return torch.compiler.is_compiling() and x.numel() // x.shape[-1] <= FUSED_MAX_ROWS
+    return torch.compiler.is_compiling() and few_rows(x)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

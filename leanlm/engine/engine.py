@@ -26,12 +26,12 @@ from __future__ import annotations
 import time
 import types
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..kernels import use_fused_linears
+from ..kernels import FUSED_MAX_ROWS, use_fused_linears
 from .cache import RollbackCache
 
 # Inductor inlines cheap pointwise producers into their consumers; inlined into a matrix-vector
@@ -50,12 +50,15 @@ class Generation:
     decode_s: float  # the remaining tokens
     compile_s: float = 0.0  # compilation that happened inside this call (0 once warm)
     stopped_by: str = "length"
-    extra: dict = field(default_factory=dict)
 
     @property
     def decode_tokens_per_s(self) -> float:
         n = len(self.tokens) - 1
         return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
+
+
+def _causal(n: int) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool).tril()
 
 
 def _text_config(model: nn.Module):
@@ -76,7 +79,6 @@ class Engine:
         self.model = model.eval()
         cfg = _text_config(model)
         self.num_layers = cfg.num_hidden_layers
-        self.vocab_size = cfg.vocab_size
         types = getattr(cfg, "layer_types", None)
         window = getattr(cfg, "sliding_window", None)
         self.window = window if types and "sliding_attention" in types and window else None
@@ -204,8 +206,8 @@ class Engine:
         if positions is None:
             positions = torch.arange(start, start + n)
         if tree is None:
-            tree = torch.ones(n, n, dtype=torch.bool).tril()
-        if self.compile and n <= 16:
+            tree = _causal(n)
+        if self.compile and n <= FUSED_MAX_ROWS:
             return self._compiled_step(ids, positions, tree)
         return self._step(ids, positions, tree, False)
 
@@ -217,7 +219,7 @@ class Engine:
         if n > self.max_len:
             raise ValueError(f"prompt of {n} tokens exceeds the engine's max_len {self.max_len}")
         # Eager: prompt lengths vary, and one compiled graph per length would cost more than it saves.
-        return self._step(ids, torch.arange(n), torch.ones(n, n, dtype=torch.bool).tril(), True)[-1]
+        return self._step(ids, torch.arange(n), _causal(n), True)[-1]
 
     def rollback(self, length: int) -> None:
         """Forget every cached token from position `length` on."""

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LeanLMError
-from ..kernels import FUSED_MAX_ROWS, fused_rows, int4_kernel_fits, int4_linear, linear, pack_int4
+from ..kernels import few_rows, fused_rows, int4_kernel_fits, int4_linear, linear, pack_int4
 from .formats import (QParams, QuantSpec, compute_qparams, dequantize_blocks, effective_scale, fake_quantize,
                       quantize_blocks)
 from .packing import decode_pairs, decode_qparams, decode_values, encode_qparams, encode_values
@@ -101,11 +101,15 @@ class QuantLinear(nn.Module):
         self.weight_qp = None
         self._dequant_cache = None
 
-    def _blocked_shape(self) -> torch.Size:
+    def _block_len(self) -> int:
+        """Weights per block along a row: the whole row for per-channel (-1) and per-tensor (0) scales."""
         b = self.weight_spec.block_size
-        if b == 0:
+        return self.in_features if b in (0, -1) else b
+
+    def _blocked_shape(self) -> torch.Size:
+        if self.weight_spec.block_size == 0:
             return torch.Size((1, self.out_features * self.in_features))
-        b = self.in_features if b == -1 else b
+        b = self._block_len()
         return torch.Size((self.out_features, -(-self.in_features // b), b))
 
     def _frozen_qparams(self) -> QParams:
@@ -125,7 +129,7 @@ class QuantLinear(nn.Module):
         of a 4-bit byte at once, against the even and odd inputs) times inputs, times the block scale.
         """
         spec, n, k = self.weight_spec, self.out_features, self.in_features
-        b = {0: k, -1: k}.get(spec.block_size, spec.block_size)
+        b = self._block_len()
         groups = -(-k // b)
         qp = self._frozen_qparams()
         s = effective_scale(qp).reshape(-1, groups, 1) if spec.block_size else effective_scale(qp).reshape(1, 1, 1)
@@ -172,10 +176,6 @@ class QuantLinear(nn.Module):
         self.cache_dequantized = True
         self._int4_kernel = None
 
-    def _even_blocks(self) -> bool:
-        b = {0: self.in_features, -1: self.in_features}.get(self.weight_spec.block_size, self.weight_spec.block_size)
-        return b % 2 == 0 and (self.weight_spec.block_size != 0 or self.in_features % 2 == 0)
-
     def allocate_frozen(self, dtype: torch.dtype = torch.float32) -> None:
         """Create empty frozen buffers of the right shapes so a saved state dict can be loaded into them."""
         self.weight_qp = compute_qparams(torch.zeros(self.out_features, self.in_features), self.weight_spec)
@@ -209,10 +209,10 @@ class QuantLinear(nn.Module):
         if self.smooth is not None:
             x = x / self.smooth.to(x.dtype)
         x = self._quantize_activation(x, "input")
-        if self._int4_kernel is not None and self.frozen and x.numel() // x.shape[-1] <= FUSED_MAX_ROWS:
+        if self._int4_kernel is not None and self.frozen and few_rows(x):
             packed, sz, group = self._int4_kernel
             y = int4_linear(x, packed, sz, group, self.bias)
-        elif self.frozen and fused_rows(x) and (self.weight_spec.element.bits > 4 or self._even_blocks()):
+        elif self.frozen and fused_rows(x) and (self.weight_spec.element.bits > 4 or self._block_len() % 2 == 0):
             y = self._fused_frozen_product(x)
         else:
             y = linear(x, self.quantized_weight(), self.bias)

@@ -34,19 +34,19 @@ def encode_values(q: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return q.to(torch.int8)
 
 
+def _nibble_values(nib: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """4-bit codes (uint8 in [0, 15]) to float32 grid values: E2M1, two's-complement or unsigned."""
+    if spec.element.kind == "float":
+        return e2m1_from_codes(nib)
+    if spec.symmetric:
+        nib = nib.to(torch.int8) - ((nib >= 8).to(torch.int8) << 4)
+    return nib.float()
+
+
 def decode_values(stored: torch.Tensor, spec: QuantSpec, shape: torch.Size) -> torch.Tensor:
     """Inverse of `encode_values`: storage tensor back to float32 grid values of the blocked `shape`."""
-    numel = shape.numel()
-    fmt = spec.element
-    if fmt.kind == "float":
-        if fmt.name == "fp4_e2m1":
-            return e2m1_from_codes(unpack_nibbles(stored, numel)).reshape(shape)
-        return stored.float().reshape(shape)
-    if fmt.bits <= 4:
-        nib = unpack_nibbles(stored, numel)
-        if spec.symmetric:
-            nib = nib.to(torch.int8) - ((nib >= 8).to(torch.int8) << 4)
-        return nib.float().reshape(shape)
+    if spec.element.bits <= 4:
+        return _nibble_values(unpack_nibbles(stored, shape.numel()), spec).reshape(shape)
     return stored.float().reshape(shape)
 
 
@@ -57,13 +57,7 @@ def decode_pairs(stored: torch.Tensor, spec: QuantSpec, shape: tuple[int, ...]) 
     separately needs no interleaving: a fused kernel reads each byte once.
     """
     p = stored.reshape(shape)
-    lo, hi = p & 0xF, p >> 4
-    if spec.element.kind == "float":
-        return e2m1_from_codes(lo), e2m1_from_codes(hi)
-    if spec.symmetric:
-        return (lo.to(torch.int8) - ((lo >= 8).to(torch.int8) << 4)).float(), \
-            (hi.to(torch.int8) - ((hi >= 8).to(torch.int8) << 4)).float()
-    return lo.float(), hi.float()
+    return _nibble_values(p & 0xF, spec), _nibble_values(p >> 4, spec)
 
 
 def encode_qparams(qp: QParams, spec: QuantSpec) -> dict[str, torch.Tensor]:
