@@ -140,16 +140,69 @@ def cmd_generate(args) -> None:
         model = model.to(torch.bfloat16)
     _, gen = generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, seed=args.seed, chat=args.chat, compile=not args.no_compile,
-                      stream=lambda s: print(s, end="", flush=True))
+                      stream=lambda s: print(s, end="", flush=True), draft=args.draft, draft_tokens=args.draft_tokens,
+                      tree=args.tree)
     print()
     stats = (f"{len(gen.tokens)} tokens ({gen.stopped_by}); time to first token {gen.ttft_s * 1e3:.0f} ms; "
              f"decode {gen.decode_tokens_per_s:.1f} tokens/s")
+    if args.draft:
+        stats += f"; {gen.acceptance_length:.2f} tokens per target step"
     if gen.compile_s:
         stats += f"; compiled in {gen.compile_s:.1f}s (cached for later runs)"
     if args.stats:
         bound = measure_read_bandwidth() / weight_bytes_per_token(model)
         stats += f"; bandwidth bound {bound:.0f} tokens/s ({100 * gen.decode_tokens_per_s / bound:.0f}% of it)"
     print(stats, file=sys.stderr)
+
+
+def cmd_speculate_train(args) -> None:
+    from .models import load
+    from .speculative import Eagle3TrainConfig, train_eagle3
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise LeanLMError(f"output '{out}' already exists: choose another --out or pass --overwrite")
+    if args.prompts not in ("wiki", "news", "pydoc"):
+        from .data import documents
+
+        documents(args.prompts)  # a bad prompts file fails before the model loads
+    cfg = Eagle3TrainConfig(prompts=args.prompts, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+                            chat=args.chat, draft_vocab=args.draft_vocab, corpus_tokens=args.corpus_tokens,
+                            train_lm_head=args.train_lm_head, ttt_steps=args.ttt_steps,
+                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_minutes=args.max_minutes,
+                            seed=args.seed)
+    model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
+    t = time.perf_counter()
+    head = train_eagle3(model, tok, out, cfg, overwrite=args.overwrite)
+    acc = ", ".join(f"{a:.2f}" for a in head.config.extra.get("val_step_accuracy", []))
+    print(f"trained an EAGLE-3 head for {args.model} in {time.perf_counter() - t:.0f}s -> {out}"
+          f" (held-out top-1 accuracy per draft step: {acc})")
+
+
+def cmd_speculate_bench(args) -> None:
+    from .engine.text import encode_prompt
+    from .models import load
+    from .speculative.api import compare
+    from .speculative.train import prompts_from
+
+    texts = prompts_from(args.prompts, "eval", args.num_prompts)
+    model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
+    prompts = [encode_prompt(tok, p, args.chat) for p in texts]
+    drafts = {(d if d == "ngram" else Path(d).name or d) + (" tree" if args.tree else ""):
+              {"draft": d, "tree": args.tree} for d in args.draft}
+    print(f"{'variant':<24} {'tokens/s':>9} {'speedup':>8} {'accept len':>10}  per-position acceptance")
+
+    def show(r):
+        rates = " ".join(f"{x:.2f}" for x in r["acceptance_rates"])
+        print(f"{r['variant']:<24} {r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f}x {r['acceptance_length']:>10.2f}  {rates}",
+              flush=True)
+
+    rows = compare(model, tok, drafts, prompts, max_new_tokens=args.max_new_tokens, k=args.draft_tokens,
+                   compile=not args.no_compile, progress=show)
+    print("every speculative output was identical to plain greedy decoding")
+    if args.json:
+        _write_json(args.json, {"model": args.model, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+                                "k": args.draft_tokens, "rows": rows})
 
 
 def cmd_demo(args) -> None:
@@ -224,7 +277,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation/float-weight dtype (bf16 halves the bytes read per token)")
     s.add_argument("--no-compile", action="store_true", help="decode eagerly (no torch.compile)")
     s.add_argument("--stats", action="store_true", help="also measure read bandwidth and print the bound")
+    s.add_argument("--draft", default=None,
+                   help="speculative decoding: 'ngram', an EAGLE-3 head folder, or a draft model with the same tokenizer")
+    s.add_argument("--draft-tokens", type=_positive, default=4, help="tokens drafted per target step (default 4)")
+    s.add_argument("--tree", action="store_true", help="draft a tree of --draft-tokens tokens (greedy; ngram, EAGLE-3)")
     s.set_defaults(fn=cmd_generate)
+
+    sp = sub.add_parser("speculate", help="train EAGLE-3 draft heads and benchmark speculative decoding")
+    ssub = sp.add_subparsers(dest="speculate_command", required=True, metavar="ACTION")
+    s = ssub.add_parser("train", help="train an EAGLE-3 head on the target's own responses (resumable)")
+    model_args(s)
+    s.add_argument("--out", required=True, help="head folder (EAGLE-3 layout); work files go to OUT.work")
+    s.add_argument("--prompts", default="wiki", help="wiki, news, pydoc (calibration split) or a .txt/.jsonl file")
+    s.add_argument("--num-prompts", type=_positive, default=512)
+    s.add_argument("--max-new-tokens", type=_positive, default=128, help="response length per prompt")
+    s.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    s.add_argument("--draft-vocab", type=_positive, default=8192, help="draft vocabulary size (default 8192)")
+    s.add_argument("--corpus-tokens", type=int, default=0,
+                   help="also train on this many tokens of the prompts' plain text (teacher-forced; cheap extra data)")
+    s.add_argument("--train-lm-head", action="store_true", help="train the head's output layer too (default frozen)")
+    s.add_argument("--ttt-steps", type=_positive, default=4, help="drafting steps unrolled in training")
+    s.add_argument("--epochs", type=float, default=4.0)
+    s.add_argument("--batch-size", type=_positive, default=8)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--max-minutes", type=float, default=None, help="stop training after this long (saves the head)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_speculate_train)
+    s = ssub.add_parser("bench", help="plain vs speculative greedy decoding on held-out prompts (outputs checked equal)")
+    model_args(s)
+    s.add_argument("--draft", action="append", required=True,
+                   help="'ngram', an EAGLE-3 head folder or a draft model; repeat to compare several")
+    s.add_argument("--prompts", default="wiki", help="wiki, news, pydoc (evaluation split) or a .txt/.jsonl file")
+    s.add_argument("--num-prompts", type=_positive, default=8)
+    s.add_argument("--max-new-tokens", type=_positive, default=128)
+    s.add_argument("--draft-tokens", type=_positive, default=4)
+    s.add_argument("--tree", action="store_true", help="tree drafts of --draft-tokens tokens")
+    s.add_argument("--chat", action="store_true")
+    s.add_argument("--no-compile", action="store_true")
+    s.add_argument("--json", help="write the table as JSON to this file")
+    s.set_defaults(fn=cmd_speculate_bench)
 
     s = sub.add_parser("demo", help="float vs INT8 vs INT4 weight-only on the default model, with a report")
     s.add_argument("--model", default="smollm2-135m")

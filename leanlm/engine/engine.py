@@ -40,6 +40,21 @@ from .cache import RollbackCache
 COMPILE_OPTIONS = {"realize_reads_threshold": 1}
 
 
+def compile_private(fn, obj, cpp_wrapper: bool = False):
+    """`fn` bound to `obj`, compiled (full graph, static shapes) with a private copy of its code.
+
+    Guards on every parameter of a model cost milliseconds per step; the owner (an engine, a
+    drafter) keeps its modules' layout for its lifetime, so they are dropped. Dynamo caches graphs
+    per code object, so each owner compiles its own copy of `fn`: without module guards, another
+    owner's graph would otherwise be taken for its modules.
+    """
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    options = {**COMPILE_OPTIONS, "cpp_wrapper": cpp_wrapper,
+               "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
+    return torch.compile(types.MethodType(own, obj), fullgraph=True, dynamic=False, options=options)
+
+
 @dataclass
 class Generation:
     """Tokens generated after the prompt, and how long it took."""
@@ -73,7 +88,8 @@ class Engine:
     >>> out = eng.generate(tok("Hello", return_tensors="pt").input_ids[0], max_new_tokens=64)
     """
 
-    def __init__(self, model: nn.Module, max_len: int = 2048, compile: bool = True, cpp_wrapper: bool = False):
+    def __init__(self, model: nn.Module, max_len: int = 2048, compile: bool = True, cpp_wrapper: bool = False,
+                 hidden_layers: tuple[int, ...] = ()):
         from ..quant.linear import QuantLinear
 
         self.model = model.eval()
@@ -84,6 +100,13 @@ class Engine:
         self.window = window if types and "sliding_attention" in types and window else None
         self.uses_mask_dict = bool(types) and self._forward_takes_mask_dict(model)
         self.max_len = max_len
+        # Hidden states to keep from every step (indices into transformers' `hidden_states`: 0 is the
+        # embedding output, i the output of decoder layer i-1); EAGLE-3 drafters read them.
+        self.hidden_layers = tuple(hidden_layers)
+        for i in self.hidden_layers:
+            if not 0 <= i <= self.num_layers:
+                raise ValueError(f"hidden layer {i} outside [0, {self.num_layers}]")
+        self.hidden: torch.Tensor | None = None  # [tokens, len(hidden_layers) * hidden] of the last call
         self.cache = RollbackCache(self.num_layers, max_len)
         self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         self._restore_attn = []
@@ -96,6 +119,10 @@ class Engine:
         for m in self._quant_linears:  # decode from the codes; a float copy would double memory
             m.prepare_decode()
         self.compile = compile
+        if compile:  # multi-token steps (verifying drafts) use a native kernel, built once here
+            from ..native import rows_linear_available
+
+            rows_linear_available()
         # A C++ wrapper around the compiled kernels removes inductor's Python call overhead (~15%
         # faster decoding of small models) but a cold compile takes minutes on 2 cores (then cached).
         self.cpp_wrapper = cpp_wrapper
@@ -159,21 +186,16 @@ class Engine:
         start = self.cache.layers[0].cumulative_length
         out = self.model(input_ids=ids[None], position_ids=positions[None],
                          attention_mask=self._mask(positions, tree, start), past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=1 if last_only else 0)
-        return out.logits[0].float()
+                         use_cache=True, logits_to_keep=1 if last_only else 0,
+                         output_hidden_states=bool(self.hidden_layers))
+        hidden = None
+        if self.hidden_layers:
+            hidden = torch.cat([out.hidden_states[i][0] for i in self.hidden_layers], -1).float()
+        return out.logits[0].float(), hidden
 
     def _compiled_step(self, ids, positions, tree):
         if self._compiled is None:
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-            # Guards on every parameter of the model cost milliseconds per step; the engine owns the
-            # model's layout for its lifetime, so they are dropped. Dynamo caches graphs per code object,
-            # so each engine compiles its own copy of `_step`: without module guards, another
-            # engine's graph would otherwise be taken for this model.
-            options = {**COMPILE_OPTIONS, "cpp_wrapper": self.cpp_wrapper,
-                       "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-            own = types.FunctionType(Engine._step.__code__.replace(), Engine._step.__globals__, "_step")
-            self._compiled = torch.compile(types.MethodType(own, self), fullgraph=True, dynamic=False,
-                                           options=options)
+            self._compiled = compile_private(Engine._step, self, cpp_wrapper=self.cpp_wrapper)
         m = ids.shape[0]
         first = m not in self._compiled_sizes
         t = time.perf_counter()
@@ -208,8 +230,10 @@ class Engine:
         if tree is None:
             tree = _causal(n)
         if self.compile and n <= FUSED_MAX_ROWS:
-            return self._compiled_step(ids, positions, tree)
-        return self._step(ids, positions, tree, False)
+            logits, self.hidden = self._compiled_step(ids, positions, tree)
+        else:
+            logits, self.hidden = self._step(ids, positions, tree, False)
+        return logits
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -219,7 +243,8 @@ class Engine:
         if n > self.max_len:
             raise ValueError(f"prompt of {n} tokens exceeds the engine's max_len {self.max_len}")
         # Eager: prompt lengths vary, and one compiled graph per length would cost more than it saves.
-        return self._step(ids, torch.arange(n), _causal(n), True)[-1]
+        logits, self.hidden = self._step(ids, torch.arange(n), _causal(n), True)
+        return logits[-1]
 
     def rollback(self, length: int) -> None:
         """Forget every cached token from position `length` on."""
@@ -230,18 +255,22 @@ class Engine:
         return self.cache.length
 
     # -- generation ---------------------------------------------------------------------------------
+    def prepare(self, prompt, new_tokens: int, eos_token_id, seed):
+        """Checked inputs of a generation: (1D prompt, set of stop ids, random generator or None)."""
+        prompt = torch.as_tensor(prompt).reshape(-1)
+        if prompt.numel() + new_tokens > self.max_len:
+            raise ValueError(f"{prompt.numel()} prompt + {new_tokens} new tokens exceed the engine's max_len "
+                             f"{self.max_len}: create the Engine with a larger max_len")
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        return prompt, eos, (torch.Generator().manual_seed(seed) if seed is not None else None)
+
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  eos_token_id: int | list[int] | None = None, stream=None, seed: int | None = None) -> Generation:
         """Greedy (temperature 0) or sampled continuation of `prompt` (1D token ids).
 
         `stream(token_id)` is called for each new token as soon as it exists.
         """
-        prompt = torch.as_tensor(prompt).reshape(-1)
-        if prompt.numel() + max_new_tokens > self.max_len:
-            raise ValueError(f"{prompt.numel()} prompt + {max_new_tokens} new tokens exceed the engine's max_len "
-                             f"{self.max_len}: create the Engine with a larger max_len")
-        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        prompt, eos, gen = self.prepare(prompt, max_new_tokens, eos_token_id, seed)
         compile_before = self.compile_s
         t0 = time.perf_counter()
         logits = self.prefill(prompt)

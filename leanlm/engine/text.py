@@ -40,9 +40,14 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int | None = None, chat: bool = False, compile: bool = True, stream=None) -> tuple[str, Generation]:
+             seed: int | None = None, chat: bool = False, compile: bool = True, stream=None, draft: str | None = None,
+             draft_tokens: int = 4, tree: bool = False) -> tuple[str, Generation]:
     """Continue `prompt` (greedy at temperature 0); returns the new text and the `Generation`
-    (tokens, time to first token, decode tokens/s). `stream(text)` receives text as it is produced."""
+    (tokens, time to first token, decode tokens/s). `stream(text)` receives text as it is produced.
+
+    `draft` turns on speculative decoding (same output): ``"ngram"``, an EAGLE-3 head folder, or a
+    draft model sharing the tokenizer; `draft_tokens` are proposed per target step (as a tree of
+    that many tokens with `tree`, greedy only)."""
     ids = encode_prompt(tokenizer, prompt, chat)
     pieces: list[str] = []
 
@@ -52,7 +57,14 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperatu
             stream(s)
 
     detok = StreamingText(tokenizer, emit)
-    with Engine(model, max_len=ids.numel() + max_new_tokens + 8, compile=compile) as eng:
-        gen = eng.generate(ids, max_new_tokens, temperature=temperature, top_p=top_p,
-                           eos_token_id=tokenizer.eos_token_id, stream=detok, seed=seed)
+    max_len = ids.numel() + max_new_tokens + draft_tokens + 8
+    kw = dict(temperature=temperature, top_p=top_p, eos_token_id=tokenizer.eos_token_id, stream=detok, seed=seed)
+    if draft:
+        from ..speculative.api import Drafting
+
+        with Drafting(model, tokenizer, draft, max_len=max_len, compile=compile) as d:
+            gen = d.generate(ids, max_new_tokens, k=draft_tokens, tree=tree, **kw)
+    else:
+        with Engine(model, max_len=max_len, compile=compile) as eng:
+            gen = eng.generate(ids, max_new_tokens, **kw)
     return "".join(pieces), gen
