@@ -297,7 +297,7 @@ def test_eagle3_training_reduces_loss(tmp_path):
 
     model = tiny_llama(layers=4)
     cfg = Eagle3TrainConfig(prompts="news", num_prompts=32, max_new_tokens=16, draft_vocab=64, epochs=6,
-                            batch_size=4, lr=3e-3, checkpoint_every=1000, ttt_steps=2)
+                            batch_size=4, lr=3e-3, checkpoint_every=1000, ttt_steps=2, train_lm_head=True)
     seen = []
     orig = tr._save_checkpoint
     tr._save_checkpoint = lambda work, h, opt, step, history: seen.append(list(history)) or orig(work, h, opt, step, history)
