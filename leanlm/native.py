@@ -24,6 +24,12 @@ ROWS_LINEAR = False  # set by rows_linear_available(); compiled code reads this 
 def rows_linear_available() -> bool:
     """Build (or load the cached build of) the kernel; call it before compiling code that uses it."""
     global ROWS_LINEAR
+    import os
+    import shutil
+    import sys
+
+    if shutil.which("ninja") is None:  # the `ninja` wheel's binary sits beside this interpreter
+        os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     try:
         from torch.utils.cpp_extension import load
 
