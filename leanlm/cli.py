@@ -162,9 +162,9 @@ def cmd_speculate_train(args) -> None:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise LeanLMError(f"output '{out}' already exists: choose another --out or pass --overwrite")
-    if args.prompts not in ("wiki", "news", "pydoc"):
-        from .data import documents
+    from .data import CORPORA, documents
 
+    if args.prompts not in CORPORA:
         documents(args.prompts)  # a bad prompts file fails before the model loads
     cfg = Eagle3TrainConfig(prompts=args.prompts, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
                             chat=args.chat, draft_vocab=args.draft_vocab, corpus_tokens=args.corpus_tokens,

@@ -33,21 +33,19 @@ def fused_rows(x: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`; `weight` may be an expression (a dequantization) that inductor fuses."""
+    if not fused_rows(x):
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     rows = x.numel() // x.shape[-1]
-    if (torch.compiler.is_compiling() and 1 < rows <= FUSED_MAX_ROWS and weight.dtype in (torch.float32, torch.bfloat16)
-            and weight.is_contiguous() and native.ROWS_LINEAR):
+    if (rows > 1 and native.ROWS_LINEAR and weight.dtype in (torch.float32, torch.bfloat16)
+            and weight.is_contiguous()):
         # Several rows (verifying drafted tokens): inductor's reduction would read the weight once
         # per row; the native kernel reads it once for all of them.
         y = native.rows_linear(x.reshape(rows, -1).float(), weight).reshape(*x.shape[:-1], -1)
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(x.dtype)
-    if fused_rows(x):
+    else:
         y = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(x.dtype)
-    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
 
 
 class FusedLinear(nn.Linear):

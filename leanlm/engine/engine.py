@@ -311,9 +311,15 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     """Next token from one row of logits: argmax at temperature 0, else nucleus sampling."""
     if temperature <= 0:
         return int(logits.argmax())
+    return int(torch.multinomial(probabilities(logits, temperature, top_p), 1, generator=generator))
+
+
+def probabilities(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """Rows of the sampling distribution: softmax at `temperature`, then nucleus (top-p) filtering."""
     probs = torch.softmax(logits.float() / temperature, -1)
     if top_p < 1.0:
-        sorted_p, idx = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p
-        probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        sorted_p, idx = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p.masked_fill(drop, 0.0))
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs

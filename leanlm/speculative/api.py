@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
-
 import torch
 
 from ..engine.engine import Engine
 from ..errors import LeanLMError
 from .decode import speculative_generate
 from .drafters import ModelDrafter, NGramDrafter, same_tokenizer
-from .eagle3 import ARCHITECTURE, Eagle3Drafter, load_eagle3
-
-
-def _is_eagle3_dir(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return any("Eagle3" in a for a in json.loads(cfg.read_text()).get("architectures", []))
-    except json.JSONDecodeError:
-        return False
+from .eagle3 import Eagle3Drafter, is_eagle3_dir, load_eagle3
 
 
 class Drafting:
@@ -36,10 +22,9 @@ class Drafting:
                  trust_remote_code: bool = False):
         self.kind = "ngram" if draft == "ngram" else None
         hidden_layers: tuple[int, ...] = ()
-        self._draft_engine_owner = None
         if self.kind == "ngram":
             self.drafter = NGramDrafter()
-        elif _is_eagle3_dir(Path(draft)):
+        elif is_eagle3_dir(draft):
             self.kind = "eagle3"
             head = load_eagle3(draft)
             vocab = target.get_input_embeddings().weight.shape[0]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine.engine import Engine, Generation, sample
+from ..engine.engine import Engine, Generation, probabilities, sample
 
 
 @dataclass
@@ -48,18 +48,6 @@ class SpecGeneration(Generation):
         return rates
 
 
-def _target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Rows of the distribution the output must follow (temperature, then nucleus filtering)."""
-    probs = torch.softmax(logits.float() / temperature, -1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
-
-
 def verify(logits: torch.Tensor, draft: list[int], draft_probs: torch.Tensor | None, temperature: float,
            top_p: float, generator: torch.Generator | None) -> tuple[int, int]:
     """Accept a prefix of `draft` given the target's `logits` ([len(draft) + 1, vocab]).
@@ -74,7 +62,7 @@ def verify(logits: torch.Tensor, draft: list[int], draft_probs: torch.Tensor | N
         while n < len(draft) and draft[n] == target[n]:
             n += 1
         return n, target[n]
-    p = _target_probs(logits, temperature, top_p)
+    p = probabilities(logits, temperature, top_p)
     for i, x in enumerate(draft):
         q_x = 1.0 if draft_probs is None else float(draft_probs[i, x])
         p_x = float(p[i, x])
@@ -107,18 +95,23 @@ def tree_walk(logits: torch.Tensor, tokens: list[int], parents: list[int]) -> tu
     return path, target[row]
 
 
-def tree_mask(parents: list[int]) -> tuple[torch.Tensor, list[int]]:
-    """Ancestor mask ``[n + 1, n + 1]`` (root first) and each row's depth."""
+def tree_depths(parents: list[int]) -> list[int]:
+    """Depth of each row (root first, depth 0) of a draft tree given as parent indices."""
+    depth = [0] * (len(parents) + 1)
+    for i, par in enumerate(parents):
+        depth[i + 1] = depth[par + 1] + 1
+    return depth
+
+
+def tree_mask(parents: list[int]) -> torch.Tensor:
+    """Ancestor mask ``[n + 1, n + 1]`` (root first): each row sees itself and its ancestors."""
     n = len(parents)
     mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)
     mask[:, 0] = True
-    depth = [0] * (n + 1)
     for i, par in enumerate(parents):
-        row = i + 1
-        mask[row] = mask[par + 1]
-        mask[row, row] = True
-        depth[row] = depth[par + 1] + 1
-    return mask, depth
+        mask[i + 1] = mask[par + 1]
+        mask[i + 1, i + 1] = True
+    return mask
 
 
 def speculative_generate(engine: Engine, drafter, prompt: torch.Tensor, max_new_tokens: int, k: int = 4,
@@ -172,11 +165,12 @@ def speculative_generate(engine: Engine, drafter, prompt: torch.Tensor, max_new_
         out.draft_s += time.perf_counter() - td
         base = len(seq) - 1  # the cache holds seq[:-1]
         chain = parents == list(range(-1, len(draft) - 1))
+        depths = tree_depths(parents)
         if chain:
             logits = engine.forward(torch.tensor([seq[-1]] + draft))
         else:
-            mask, depth = tree_mask(parents)
-            logits = engine.forward(torch.tensor([seq[-1]] + draft), positions=base + torch.tensor(depth), tree=mask)
+            logits = engine.forward(torch.tensor([seq[-1]] + draft), positions=base + torch.tensor(depths),
+                                    tree=tree_mask(parents))
         if chain and temperature > 0:
             n, nxt = verify(logits, draft, draft_probs, temperature, top_p, gen)
             path = list(range(1, n + 1))
@@ -187,10 +181,7 @@ def speculative_generate(engine: Engine, drafter, prompt: torch.Tensor, max_new_
         else:  # the accepted branch sits at scattered slots: move it after the root
             engine.cache.keep([base + r for r in path], base + 1)
         out.cycles += 1
-        depths = [0] * (len(draft) + 1)
-        for i, par in enumerate(parents):
-            depths[i + 1] = depths[par + 1] + 1
-        for d in sorted({x for x in depths[1:]}):
+        for d in set(depths[1:]):
             out.proposed[d - 1] += 1
         for d in range(1, len(path) + 1):
             out.accepted[d - 1] += 1

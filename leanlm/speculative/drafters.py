@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.engine import Engine
+from ..engine.engine import Engine, probabilities
 from ..errors import LeanLMError
-from .decode import _target_probs
 
 
 class NGramDrafter:
@@ -112,7 +111,7 @@ class ModelDrafter:
             if temperature <= 0:
                 tok = int(last.argmax())
             else:
-                q = _target_probs(last[None], temperature, top_p)[0]
+                q = probabilities(last, temperature, top_p)
                 tok = int(torch.multinomial(q, 1, generator=generator))
                 rows.append(q)
             tokens.append(tok)

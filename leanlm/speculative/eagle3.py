@@ -20,8 +20,7 @@ shares the target's.
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -222,6 +221,19 @@ def save_eagle3(head: Eagle3Head, out: str | Path, overwrite: bool = False) -> P
     return Path(out)
 
 
+def _is_eagle3_config(d: dict) -> bool:
+    return any("Eagle3" in a for a in d.get("architectures") or [])
+
+
+def is_eagle3_dir(path: str | Path) -> bool:
+    """Whether `path` is a folder whose config.json names an EAGLE-3 architecture."""
+    cfg = Path(path) / "config.json"
+    try:
+        return cfg.is_file() and _is_eagle3_config(json.loads(cfg.read_text()))
+    except json.JSONDecodeError:
+        return False
+
+
 def load_eagle3(path: str | Path) -> Eagle3Head:
     """Load an EAGLE-3 head folder (ours, or another trainer's in the same layout)."""
     from safetensors import SafetensorError
@@ -236,7 +248,7 @@ def load_eagle3(path: str | Path) -> Eagle3Head:
         d = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise LeanLMError(f"'{cfg_file}' is not valid JSON ({e}): re-export the head") from None
-    if not any("Eagle3" in a for a in d.get("architectures", [])):
+    if not _is_eagle3_config(d):
         raise LeanLMError(f"'{path}' holds {d.get('architectures')}, not an EAGLE-3 head")
     head = Eagle3Head(Eagle3Config.from_json(d))
     try:
@@ -276,7 +288,6 @@ class Eagle3Drafter:
         self.head = head.eval()
         self.compile = compile
         self._compiled = None
-        self._compiled_commit = None
         if compile:  # the compiled steps read each weight in one fused pass (eager results unchanged)
             from ..kernels import use_fused_linears
 
@@ -319,42 +330,16 @@ class Eagle3Drafter:
         out, logits = head.finish(attn, residual)
         return out[0], logits[0]
 
-    def _one(self, hidden: torch.Tensor, token: torch.Tensor, slot: torch.Tensor):
-        """One chain entry at cache slot `slot`, attending every slot up to it; fixed shapes, so it
-        compiles to one graph (the per-op overhead of ~60 small eager ops is most of a draft step)."""
-        q, k, v, residual = self.head.qkv(hidden[None], self.embed(token[None]).to(hidden.dtype), slot[None])
-        self.keys.index_copy_(2, slot[None], k)
-        self.values.index_copy_(2, slot[None], v)
-        mask = (torch.arange(self.max_len) <= slot)[None]
-        attn = F.scaled_dot_product_attention(q, self.keys, self.values, attn_mask=mask, enable_gqa=self.groups > 1)
-        out, logits = self.head.finish(attn, residual)
-        return out[0], logits[0, -1]
-
-    def _chain_step(self, hidden: torch.Tensor, token: int, slot: int):
-        if slot + 1 > self.max_len:
-            raise ValueError(f"EAGLE-3 drafter cache of {self.max_len} positions is full")
-        args = (hidden, torch.tensor([token]), torch.tensor(slot))
-        if self.compile:
-            if self._compiled is None:
-                from ..engine.engine import compile_private
-
-                self._compiled = compile_private(Eagle3Drafter._one, self)
-            try:
-                return self._compiled(*args)
-            except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the same step, eagerly
-                import warnings
-
-                warnings.warn(f"torch.compile of the EAGLE-3 draft step failed ({type(e).__name__}); drafting eagerly",
-                              stacklevel=2)
-                self.compile = False
-        return self._one(*args)
-
-    def _commit_rows(self, features: torch.Tensor, tokens: torch.Tensor, start: torch.Tensor, last: torch.Tensor):
-        """Committed entries from slot `start` (rows past the real ones are padding: later
-        entries overwrite them, and real rows never attend to them); returns row `last`'s output."""
-        t = tokens.shape[0]
-        hidden = self.head.fc(features.to(self.head.fc.weight.dtype))
-        slots = start + torch.arange(t)
+    def _append(self, hidden: torch.Tensor, tokens: torch.Tensor, start: torch.Tensor, last: torch.Tensor,
+                features: bool):
+        """Entries for `tokens` at cache slots start.., each attending every slot up to its own; returns
+        row `last`'s output hidden and logits. `features`: `hidden` holds the target's aux features
+        (committed entries), else the head's own output (a chain draft step). Fixed shapes, so each
+        row count compiles to one graph (eagerly, ~60 small ops are most of a draft step). Rows past
+        the real ones may be padding: later entries overwrite them and real rows never see them."""
+        if features:
+            hidden = self.head.fc(hidden.to(self.head.fc.weight.dtype))
+        slots = start + torch.arange(tokens.shape[0])
         q, k, v, residual = self.head.qkv(hidden[None], self.embed(tokens[None]).to(hidden.dtype), slots)
         self.keys.index_copy_(2, slots, k)
         self.values.index_copy_(2, slots, v)
@@ -363,21 +348,32 @@ class Eagle3Drafter:
         out = self.head.finish(attn, residual, logits=False)[0][0].index_select(0, last)
         return out, self.head.lm_head(self.head.norm(out))[0]
 
+    def _fixed_step(self, *args):
+        if self.compile:
+            if self._compiled is None:
+                from ..engine.engine import compile_private
+
+                self._compiled = compile_private(Eagle3Drafter._append, self)
+            try:
+                return self._compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the same step, eagerly
+                import warnings
+
+                warnings.warn(f"torch.compile of the EAGLE-3 draft step failed ({type(e).__name__}); drafting eagerly",
+                              stacklevel=3)
+                self.compile = False
+        return self._append(*args)
+
     @torch.inference_mode()
     def _commit_features(self, features: torch.Tensor, tokens: list[int]) -> None:
         n = len(tokens)
         rows = next((r for r in COMMIT_ROWS if n <= r), None)
         if self.compile and rows and self.length + rows <= self.max_len:
-            if self._compiled_commit is None:
-                from ..engine.engine import compile_private
-
-                self._compiled_commit = compile_private(Eagle3Drafter._commit_rows, self)
             feats = torch.zeros(rows, features.shape[-1], dtype=features.dtype)
             feats[:n] = features
             ids = torch.zeros(rows, dtype=torch.long)
             ids[:n] = torch.tensor(tokens)
-            out, logits = self._compiled_commit(feats, ids, torch.tensor(self.length), torch.tensor([n - 1]))
-            self._out = (out, logits)
+            self._out = self._fixed_step(feats, ids, torch.tensor(self.length), torch.tensor([n - 1]), True)
         else:
             hidden = self.head.fc(features.to(self.head.fc.weight.dtype))
             out, logits = self._run(hidden, tokens, self.length)
@@ -404,7 +400,11 @@ class Eagle3Drafter:
                 rows.append(q)
             tokens.append(tok)
             if i + 1 < k:  # attends the committed entries and this draft's earlier ones
-                out, logits = self._chain_step(out, tok, self.length + i)
+                slot = self.length + i
+                if slot + 1 > self.max_len:
+                    raise ValueError(f"EAGLE-3 drafter cache of {self.max_len} positions is full")
+                out, logits = self._fixed_step(out, torch.tensor([tok]), torch.tensor(slot), torch.tensor([0]),
+                                               False)
         return tokens, (torch.stack(rows) if rows else None)
 
     @torch.inference_mode()

@@ -216,12 +216,17 @@ def step_weights(steps: int) -> list[float]:
 
 # -- data cache and checkpoints ----------------------------------------------------------------------
 def _save_data(path: Path, sequences, feats, draft_ids) -> None:
-    from safetensors.torch import save_file
-
     lengths = torch.tensor([len(s) for s in sequences])
     tensors = {"ids": torch.tensor([t for s in sequences for t in s]), "lengths": lengths,
                "aux": torch.cat([f[0] for f in feats]), "labels": torch.cat([f[1] for f in feats]),
                "draft_ids": draft_ids}
+    _save_tensors(path, tensors)
+
+
+def _save_tensors(path: Path, tensors: dict) -> None:
+    """A safetensors file written beside its place and renamed in: never seen half-written."""
+    from safetensors.torch import save_file
+
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp))
     tmp.replace(path)
@@ -238,8 +243,6 @@ def _load_data(path: Path):
 
 
 def _save_checkpoint(work: Path, head, opt, step: int, history: list) -> None:
-    from safetensors.torch import save_file
-
     tensors = {f"head.{k}": v.detach().contiguous() for k, v in head.state_dict().items()}
     names = {p: n for n, p in head.named_parameters()}
     for group in opt.param_groups:
@@ -249,9 +252,7 @@ def _save_checkpoint(work: Path, head, opt, step: int, history: list) -> None:
                 for key in ("exp_avg", "exp_avg_sq"):
                     tensors[f"opt.{names[p]}.{key}"] = st[key].contiguous()
                 tensors[f"opt.{names[p]}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
-    tmp = work / (CKPT_WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(work / CKPT_WEIGHTS)  # weights first: a state file always points at complete weights
+    _save_tensors(work / CKPT_WEIGHTS, tensors)  # weights first: a state file always points at complete weights
     from ..atomic import atomic_write_text
 
     atomic_write_text(work / CKPT_STATE, json.dumps({"step": step, "history": history}))
