@@ -7,6 +7,7 @@ Public API::
     result = leanlm.evaluate(model, tok, data="wiki", max_tokens=8192, speed=True)
     leanlm.save(model, tok, "out/smollm2-w4")         # atomic; load() restores it quantized
     text, gen = leanlm.generate(model, tok, "The capital of France", max_new_tokens=32)
+    leanlm.qad(student, teacher, "nvfp4", train_ids)    # or leanlm.qat(model, recipe, train_ids)
 """
 
 from .data import calibration_batches, documents, eval_tokens, split_text
@@ -15,15 +16,16 @@ from .errors import LeanLMError
 from .eval import evaluate, measure_speed, model_size, perplexity
 from .eval.report import format_table, load_results, write_report
 from .models import BUILTIN_MODELS, DEFAULT_MODEL, convert_gguf, list_models, load, prepare, save
-from .quant.api import quantize
+from .quant.api import freeze_model, quantize
 from .quant.formats import QuantSpec
 from .quant.recipes import PRESETS, Recipe, get_recipe
+from .train import DistillConfig, TrainConfig, qad, qat
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BUILTIN_MODELS", "DEFAULT_MODEL", "Engine", "LeanLMError", "PRESETS", "QuantSpec", "Recipe",
-    "calibration_batches", "convert_gguf", "documents", "eval_tokens", "evaluate", "format_table",
-    "generate", "get_recipe", "list_models", "load", "load_results", "measure_speed", "model_size", "perplexity",
-    "prepare", "quantize", "save", "split_text", "write_report",
+    "BUILTIN_MODELS", "DEFAULT_MODEL", "DistillConfig", "Engine", "LeanLMError", "PRESETS", "QuantSpec", "Recipe",
+    "TrainConfig", "calibration_batches", "convert_gguf", "documents", "eval_tokens", "evaluate", "format_table",
+    "freeze_model", "generate", "get_recipe", "list_models", "load", "load_results", "measure_speed", "model_size",
+    "perplexity", "prepare", "qad", "qat", "quantize", "save", "split_text", "write_report",
 ]

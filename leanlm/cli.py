@@ -179,6 +179,60 @@ def cmd_speculate_train(args) -> None:
           f" (held-out top-1 accuracy per draft step: {acc})")
 
 
+def cmd_train_quantized(args) -> None:
+    """`leanlm qat` and `leanlm qad`."""
+    import torch
+
+    from .data import calibration_batches, documents
+    from .eval import evaluate
+    from .eval.report import format_table
+    from .models import load, save
+    from .quant.recipes import get_recipe
+    from .train import DistillConfig, TrainConfig, qad, qat, training_sequences
+    from .train import distributed as dist
+
+    recipe = get_recipe(args.recipe)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise LeanLMError(f"output '{out}' already exists: choose another --out or pass --overwrite")
+    for source in filter(None, (args.data, args.calib, args.eval_tokens and args.eval_data)):
+        documents(source)
+    cfg = TrainConfig(tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                      micro_batch=args.micro_batch, epochs=args.epochs, lr=args.lr, bf16=not args.no_bf16,
+                      checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes, seed=args.seed)
+    distill = None
+    if args.command == "qad":
+        distill = DistillConfig(temperature=args.temperature, ce_weight=args.ce_weight,
+                                hidden_weight=args.hidden_weight, topk=args.topk)
+    model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
+    data = training_sequences(tok, args.data, cfg, model=model)
+    calib = calibration_batches(tok, args.calib, args.calib_samples, args.seq_len, model=model) if args.calib else None
+    work = out.with_name(out.name + ".work")
+    kw = dict(calib=calib, config=cfg, learn_scales=args.learn_scales, work=work)
+    t = time.perf_counter()
+    if args.command == "qat":
+        qat(model, recipe, data, **kw)
+    else:
+        teacher, _ = load(args.teacher or args.model, trust_remote_code=args.trust_remote_code)
+        qad(model, teacher, recipe, data, distill=distill, **kw)
+        del teacher
+    if not dist.is_main():
+        return
+    info = model.leanlm_training
+    save(model, tok, out, overwrite=args.overwrite)
+    from .train.checkpoint import remove_checkpoint
+
+    remove_checkpoint(work)  # done; a teacher top-k cache stays for further runs
+    print(f"{args.command.upper()} of {args.model} with {recipe.name}: {info['trained_steps']}/{info['planned_steps']} "
+          f"steps, {len(data)} x {args.seq_len} tokens, {time.perf_counter() - t:.0f}s -> {out}")
+    if args.eval_tokens:
+        with torch.no_grad():
+            result = evaluate(model, tok, data=args.eval_data, max_tokens=args.eval_tokens,
+                              name=f"{recipe.name}-{args.command}")
+        print(format_table([result]))
+        _write_json(str(out / "eval.json"), result)
+
+
 def cmd_speculate_bench(args) -> None:
     from .engine.text import encode_prompt
     from .models import load
@@ -282,6 +336,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--draft-tokens", type=_positive, default=4, help="tokens drafted per target step (default 4)")
     s.add_argument("--tree", action="store_true", help="draft a tree of --draft-tokens tokens (greedy; ngram, EAGLE-3)")
     s.set_defaults(fn=cmd_generate)
+
+    for name, help_ in (("qat", "quantization-aware training: PTQ, then fine-tune fake-quantized (resumable)"),
+                        ("qad", "quantization-aware distillation from the float model (resumable)")):
+        s = sub.add_parser(name, help=help_)
+        model_args(s)
+        s.add_argument("--recipe", required=True, help="preset name (see `leanlm recipes`) or a YAML/JSON file")
+        s.add_argument("--out", required=True, help="output folder (like `leanlm quantize`); checkpoints go to OUT.work")
+        s.add_argument("--data", default="wiki", help="training text: wiki, news, pydoc (calibration split) or a file")
+        s.add_argument("--tokens", type=_positive, default=100_000, help="training tokens (default 100000)")
+        s.add_argument("--seq-len", type=_positive, default=256)
+        s.add_argument("--batch-size", type=_positive, default=8, help="sequences per step, all processes together")
+        s.add_argument("--micro-batch", type=_positive, default=4, help="sequences per forward (gradient accumulation)")
+        s.add_argument("--epochs", type=_positive, default=1)
+        s.add_argument("--lr", type=float, default=2e-5)
+        s.add_argument("--learn-scales", action="store_true", help="also train the weight scales (LSQ)")
+        s.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bf16 autocast)")
+        s.add_argument("--calib", default=None,
+                       help="PTQ calibration data (default: the first training sequences, when the recipe needs any)")
+        s.add_argument("--calib-samples", type=_positive, default=64)
+        s.add_argument("--checkpoint-every", type=_positive, default=25, help="steps between checkpoints")
+        s.add_argument("--max-minutes", type=float, default=None, help="stop early (checkpointed) after this long")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--eval-tokens", type=int, default=0, help="evaluate afterwards (writes OUT/eval.json)")
+        s.add_argument("--eval-data", default="wiki")
+        s.add_argument("--overwrite", action="store_true")
+        if name == "qad":
+            s.add_argument("--teacher", default=None, help="teacher model (default: MODEL itself, in float)")
+            s.add_argument("--temperature", type=float, default=1.0)
+            s.add_argument("--ce-weight", type=float, default=0.0, help="weight of the next-token loss mixed in")
+            s.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state loss")
+            s.add_argument("--topk", type=int, default=0,
+                           help="cache the teacher's top-k log-probs once instead of running it every step")
+        s.set_defaults(fn=cmd_train_quantized)
 
     sp = sub.add_parser("speculate", help="train EAGLE-3 draft heads and benchmark speculative decoding")
     ssub = sp.add_subparsers(dest="speculate_command", required=True, metavar="ACTION")

@@ -246,6 +246,9 @@ def save(model, tokenizer, out: str | os.PathLike, overwrite: bool = False) -> P
         if save_quant_state(model, tmp) is None:
             model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        training = getattr(model, "leanlm_training", None)
+        if training is not None:  # how a QAT / QAD / distillation result was trained
+            (tmp / "training.json").write_text(json.dumps(training, indent=2))
     return Path(out)
 
 

@@ -44,12 +44,14 @@ def forward_loop_from_batches(batches: torch.Tensor, batch_size: int = CALIB_BAT
     return loop
 
 
-def quantize(model: nn.Module, recipe, calib=None, progress: bool = True) -> nn.Module:
+def quantize(model: nn.Module, recipe, calib=None, progress: bool = True, freeze: bool = True) -> nn.Module:
     """Quantize `model` in place by `recipe` (preset name, file, dict or Recipe) and return it.
 
     `calib` is a `forward_loop(model)` callable or a LongTensor of calibration samples [N, L]; it is
     needed when the recipe calibrates (AWQ, GPTQ, SmoothQuant, static activations, KV cache).
     Calibration runs one decoder layer at a time on the outputs of the already-quantized layers.
+    With `freeze` off the weights stay float and fake-quantized (straight-through gradients) for QAT;
+    `freeze_model` turns them into codes afterwards.
     """
     from .ptq import calibrate_layer
     from .sequential import decoder_layers, run_layerwise
@@ -72,12 +74,23 @@ def quantize(model: nn.Module, recipe, calib=None, progress: bool = True) -> nn.
                               "cannot calibrate: exclude it (exclude: [...]) or use a weight-only rtn recipe")
         loop = calib if callable(calib) else forward_loop_from_batches(calib)
         with torch.no_grad():
-            run_layerwise(model, loop, lambda layer, h, kw: calibrate_layer(layer, h, kw, recipe), progress)
+            run_layerwise(model, loop, lambda layer, h, kw: calibrate_layer(layer, h, kw, recipe, freeze), progress)
     else:
         from .calib import search_clip
 
         for q in tqdm(layers.values(), desc=f"quantizing ({recipe.name})", disable=not progress, unit="layer"):
             if recipe.options["weight_calibration"] == "mse" and q.weight_spec is not None:
                 q.weight_qp = search_clip(q.weight, q.weight_spec)
-            q.freeze()
+            if freeze:
+                q.freeze()
+    return model
+
+
+def freeze_model(model: nn.Module) -> nn.Module:
+    """Turn every fake-quantized weight of `model` into its codes and scales (after QAT)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not layers:
+        raise LeanLMError("model has no quantized layer to freeze: quantize it first")
+    for q in layers:
+        q.freeze()
     return model

@@ -282,6 +282,27 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, qp: QParams | None = None) -
     return _FakeQuantSTE.apply(x, spec, qp)
 
 
+def fake_quantize_lsq(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor) -> torch.Tensor:
+    """Fake quantization with a learnable effective scale per block (LSQ, symmetric formats).
+
+    Gradients: straight through the rounding for `x` (zero where clipped) and LSQ's for `scale`
+    (``q - x/s`` inside the range, ``+-range`` where clipped), scaled by 1/sqrt(numel * range) so the
+    scale's step matches the weights'. The forward uses the scale as the format will store it
+    (E4M3 / E8M0 rounding, NVFP4's tensor scale), so what trains is what `freeze` keeps.
+    """
+    if not spec.symmetric:
+        raise LeanLMError(f"learned scales need a symmetric format ({spec.format} is asymmetric): "
+                          "drop learn_scales or use a symmetric recipe")
+    fmt = spec.element
+    g = 1.0 / math.sqrt(x.numel() * fmt.range)
+    s = scale * g + (scale - scale * g).detach()  # value `scale`, gradient scaled by g
+    stored = effective_scale(compute_qparams(x, spec, amax=scale.detach().float() * fmt.range))
+    s = s + (stored - s).detach()
+    v = (to_blocks(x.float(), spec.block_size) / s).clamp(-fmt.range, fmt.range)
+    q = v + (round_to_format(v.detach(), fmt) - v).detach()
+    return from_blocks(q * s, x.shape).to(x.dtype)
+
+
 def storage_bits(spec: QuantSpec, shape: torch.Size) -> int:
     """Bits needed to store a tensor of `shape` in `spec`: codes plus scales (and zero points)."""
     numel = math.prod(shape)

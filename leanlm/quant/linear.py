@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import LeanLMError
 from ..kernels import few_rows, fused_rows, int4_kernel_fits, int4_linear, linear, pack_int4
 from .formats import (QParams, QuantSpec, compute_qparams, dequantize_blocks, effective_scale, fake_quantize,
-                      quantize_blocks)
+                      fake_quantize_lsq, quantize_blocks)
 from .packing import decode_pairs, decode_qparams, decode_values, encode_qparams, encode_values
 
 # Buffers whose shapes are only known after calibration; restored from the saved file as they are.
@@ -42,6 +42,7 @@ class QuantLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.weight_qp: QParams | None = None  # fixed by clipping search or GPTQ; None = from the weight
+        self.learned_scale: nn.Parameter | None = None  # per-block weight scales trained by LSQ (learn_scales)
         for name in CALIBRATED_BUFFERS:
             self.register_buffer(name, None)
         self._dequant_cache: torch.Tensor | None = None
@@ -74,7 +75,16 @@ class QuantLinear(nn.Module):
             if self._dequant_cache is None:
                 self._dequant_cache = self._dequantize_frozen()
             return self._dequant_cache
+        if self.learned_scale is not None:
+            return fake_quantize_lsq(self.weight, self.weight_spec, self.learned_scale)
         return fake_quantize(self.weight, self.weight_spec, self.weight_qp)
+
+    def learn_scales(self) -> None:
+        """Make the weight's per-block scales a trained parameter (LSQ), starting from the current ones."""
+        if self.weight_spec is None or self.frozen or self.learned_scale is not None:
+            return
+        qp = self.weight_qp or compute_qparams(self.weight.detach(), self.weight_spec)
+        self.learned_scale = nn.Parameter(effective_scale(qp).clone())
 
     def apply_smooth(self, s: torch.Tensor) -> None:
         """Multiply the weight's input channels by `s` (and divide inputs by it from now on)."""
@@ -90,6 +100,11 @@ class QuantLinear(nn.Module):
         if self.weight_spec is None or self.frozen:
             return
         w = self.weight.detach()
+        if self.learned_scale is not None:  # the learned scales, stored in the format's scale encoding
+            amax = self.learned_scale.detach() * self.weight_spec.element.range
+            self.weight_qp = compute_qparams(w, self.weight_spec, amax=amax)
+            del self.learned_scale
+            self.learned_scale = None
         qp = self.weight_qp or compute_qparams(w, self.weight_spec)
         q = quantize_blocks(w, self.weight_spec, qp)
         dtype = w.dtype

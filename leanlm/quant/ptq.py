@@ -104,9 +104,10 @@ def _needs_sample(recipe: Recipe) -> bool:
 
 @torch.no_grad()
 def calibrate_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict,
-                    recipe: Recipe) -> list[torch.Tensor] | None:
-    """Calibrate every quantizer inside one decoder layer and freeze its weights. Returns the layer's
-    outputs when the range pass produced them (see `calibrate_ranges`), else None."""
+                    recipe: Recipe, freeze: bool = True) -> list[torch.Tensor] | None:
+    """Calibrate every quantizer inside one decoder layer and freeze its weights (or, with `freeze`
+    off, leave them float and fake-quantized for QAT). Returns the layer's outputs when the range pass
+    produced them (see `calibrate_ranges`), else None."""
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
     kvqs = [m for m in layer.modules() if isinstance(m, KVQuantizer)]
     opts = recipe.options
@@ -122,8 +123,9 @@ def calibrate_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict,
         for q in linears.values():
             if q.weight_spec is not None and q.weight_qp is None:
                 q.weight_qp = search_clip(q.weight, q.weight_spec)
-    for q in linears.values():  # the weights are final: the range pass runs on their cached dequantization
-        q.freeze()
+    if freeze:  # the weights are final: the range pass runs on their cached dequantization
+        for q in linears.values():
+            q.freeze()
     return calibrate_ranges(layer, linears.values(), kvqs, hidden, kwargs, opts["act_calibration"],
                             opts["percentile"])
 

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LeanLMError
+from ..train.loop import cosine_lr
+from ..train.checkpoint import STATE, WEIGHTS, has_checkpoint, load_checkpoint, save_checkpoint, save_tensors
 from .eagle3 import Eagle3Config, Eagle3Head, repeat_kv, save_eagle3
 
 log = logging.getLogger("leanlm")
@@ -33,8 +35,6 @@ DATA_FILE = "data.safetensors"
 DATA_FIELDS = ("prompts", "num_prompts", "prompt_words", "max_new_tokens", "chat", "draft_vocab", "corpus_tokens",
                "corpus_seq_len")
 CORPUS_FILE = "corpus.safetensors"
-CKPT_WEIGHTS = "checkpoint.safetensors"
-CKPT_STATE = "checkpoint.json"
 
 
 @dataclass
@@ -220,16 +220,7 @@ def _save_data(path: Path, sequences, feats, draft_ids) -> None:
     tensors = {"ids": torch.tensor([t for s in sequences for t in s]), "lengths": lengths,
                "aux": torch.cat([f[0] for f in feats]), "labels": torch.cat([f[1] for f in feats]),
                "draft_ids": draft_ids}
-    _save_tensors(path, tensors)
-
-
-def _save_tensors(path: Path, tensors: dict) -> None:
-    """A safetensors file written beside its place and renamed in: never seen half-written."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+    save_tensors(path, tensors)
 
 
 def _load_data(path: Path):
@@ -243,32 +234,11 @@ def _load_data(path: Path):
 
 
 def _save_checkpoint(work: Path, head, opt, step: int, history: list) -> None:
-    tensors = {f"head.{k}": v.detach().contiguous() for k, v in head.state_dict().items()}
-    names = {p: n for n, p in head.named_parameters()}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state.get(p)
-            if st:
-                for key in ("exp_avg", "exp_avg_sq"):
-                    tensors[f"opt.{names[p]}.{key}"] = st[key].contiguous()
-                tensors[f"opt.{names[p]}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
-    _save_tensors(work / CKPT_WEIGHTS, tensors)  # weights first: a state file always points at complete weights
-    from ..atomic import atomic_write_text
-
-    atomic_write_text(work / CKPT_STATE, json.dumps({"step": step, "history": history}))
+    save_checkpoint(work, dict(head.named_parameters()), opt, {"step": step, "history": history})
 
 
 def _load_checkpoint(work: Path, head, opt):
-    from safetensors.torch import load_file
-
-    state = json.loads((work / CKPT_STATE).read_text())
-    tensors = load_file(str(work / CKPT_WEIGHTS))
-    head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
-    for n, p in head.named_parameters():
-        if f"opt.{n}.exp_avg" in tensors:
-            opt.state[p] = {"exp_avg": tensors[f"opt.{n}.exp_avg"].clone(),
-                            "exp_avg_sq": tensors[f"opt.{n}.exp_avg_sq"].clone(),
-                            "step": tensors[f"opt.{n}.step"].reshape(())}
+    state = load_checkpoint(work, dict(head.named_parameters()), opt)
     return state["step"], state["history"]
 
 
@@ -320,7 +290,7 @@ def train_eagle3(target, tokenizer, out: str | Path, config: Eagle3TrainConfig |
     if cfg_file.is_file():
         before = json.loads(cfg_file.read_text())
         # Generated data can serve other training settings; a checkpoint only the same ones.
-        fields = settings if (work / CKPT_STATE).is_file() else DATA_FIELDS
+        fields = settings if has_checkpoint(work) else DATA_FIELDS
         changed = sorted(f for f in fields if before.get(f) != settings[f])
         if changed:
             raise LeanLMError(f"'{work}' holds a run with other {', '.join(changed)}: resume with the settings in "
@@ -370,13 +340,10 @@ def train_eagle3(target, tokenizer, out: str | Path, config: Eagle3TrainConfig |
                             weight_decay=0.0)
 
     def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+        return cosine_lr(cfg.lr, step, total, cfg.warmup_steps, 0.1)
 
     step, history = 0, []
-    if (work / CKPT_STATE).is_file():
+    if has_checkpoint(work):
         step, history = _load_checkpoint(work, head, opt)
         log.info(f"resuming EAGLE-3 training at step {step}/{total}")
     weights = step_weights(cfg.ttt_steps)
@@ -417,6 +384,6 @@ def train_eagle3(target, tokenizer, out: str | Path, config: Eagle3TrainConfig |
                          "val_step_accuracy": [round(a, 4) for a in val_acc],
                          "train_seconds": round(time.perf_counter() - t_start, 1), "config": asdict(cfg)}
     save_eagle3(head, out, overwrite=overwrite)
-    for name in (CKPT_STATE, CKPT_WEIGHTS):  # done; the generated data stays for retraining
+    for name in (STATE, WEIGHTS):  # done; the generated data stays for retraining
         (work / name).unlink(missing_ok=True)
     return head

@@ -1,0 +1,137 @@
+"""QAT / QAD benchmark: float, PTQ, QAT and QAD perplexity at the same training budget, in one run.
+
+    .venv/bin/python bench/qat.py                                   # smollm2-135m, nvfp4 and w4a16_rtn_g64
+    .venv/bin/python bench/qat.py --tokens 20000 --eval-tokens 4096 --recipes w4a16_rtn_g64   # quick look
+
+Training text is the wiki calibration split (disjoint from the evaluation split); QAT and QAD see the
+same sequences in the same order. QAD reads the float teacher's top-k log-probs from a cache built
+once (its build time is reported and counted in QAD's time). Finished rows are kept in
+bench/results/qat_<model>.json as they complete, and a rerun with the same settings skips them;
+training runs checkpoint under bench/work/qat/ and resume if killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "bench" / "results"
+WORK = ROOT / "bench" / "work" / "qat"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--recipes", nargs="+", default=["w4a16_rtn_g64", "nvfp4"])
+    p.add_argument("--tokens", type=int, default=100_000, help="training tokens per run (issue cap: 300k)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--learn-scales", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--topk", type=int, default=64, help="teacher top-k cache for QAD (0: live teacher)")
+    p.add_argument("--ce-weight", type=float, default=0.0)
+    p.add_argument("--data", default="wiki", help="training text (calibration split); evaluation is always wiki's eval split")
+    p.add_argument("--float-ft", action="store_true",
+                   help="also fine-tune the float model on the same tokens (how much is domain adaptation)")
+    p.add_argument("--methods", nargs="+", default=["qat", "qad"], choices=["qat", "qad"])
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--out", default=None, help="results file (default bench/results/qat_<model>.json)")
+    p.add_argument("--fresh", action="store_true", help="ignore finished rows of an earlier run")
+    args = p.parse_args()
+
+    import torch
+
+    import leanlm
+    from leanlm.eval.perplexity import perplexity
+    from leanlm.train import DistillConfig, TrainConfig, qad, qat, training_sequences
+
+    torch.manual_seed(0)
+    out = Path(args.out) if args.out else RESULTS / f"qat_{args.model}.json"
+    settings = {k: v for k, v in vars(args).items() if k not in ("fresh", "recipes", "methods", "float_ft", "out")}
+    rows = []
+    if out.is_file() and not args.fresh:
+        before = json.loads(out.read_text())
+        if before.get("settings") == settings:
+            rows = before["rows"]
+    done = {(r["recipe"], r["method"]) for r in rows}
+
+    base, tok = leanlm.load(args.model)
+    cfg = TrainConfig(tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                      micro_batch=args.micro_batch, lr=args.lr, checkpoint_every=10)
+    data = training_sequences(tok, args.data, cfg, model=base)
+    ev_ids, ev_bytes = leanlm.eval_tokens(tok, "wiki", args.eval_tokens)
+    dcfg = DistillConfig(temperature=args.temperature, topk=args.topk, ce_weight=args.ce_weight,
+                         cache=str(WORK / f"{args.model}_teacher_top{args.topk}.safetensors") if args.topk else None)
+
+    def record(recipe, method, model, seconds, extra=None):
+        with torch.no_grad():
+            r = perplexity(model, ev_ids, ev_bytes, progress=False)
+        row = {"recipe": recipe, "method": method, "perplexity": r["perplexity"], "bits_per_byte": r["bits_per_byte"],
+               "seconds": round(seconds, 1), "train_tokens": 0 if method in ("float", "ptq") else int(data.numel()),
+               **(extra or {})}
+        rows.append(row)
+        done.add((recipe, method))
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model, "settings": settings,
+                                   "train_config": asdict(cfg), "rows": rows}, indent=2) + "\n")
+        print(f"{recipe:<16} {method:<6} ppl {row['perplexity']:.3f}  ({row['seconds']:.0f}s)", flush=True)
+
+    if ("-", "float") not in done:
+        record("-", "float", base, 0.0)
+    if args.float_ft and ("-", "float_ft") not in done:
+        from leanlm.train import train, trainable_parameters
+        from leanlm.train.distill import ce_loss_fn
+
+        m = copy.deepcopy(base)
+        t = time.perf_counter()
+        hist = train(m, trainable_parameters(m), data, ce_loss_fn, cfg, desc="float fine-tune")
+        record("-", "float_ft", m, time.perf_counter() - t, {"steps": hist[-1]["step"]})
+    for recipe in args.recipes:
+        if (recipe, "ptq") not in done:
+            m = copy.deepcopy(base)
+            t = time.perf_counter()
+            leanlm.quantize(m, recipe, calib=data[:64], progress=False)
+            record(recipe, "ptq", m, time.perf_counter() - t)
+        for method in args.methods:
+            if (recipe, method) in done:
+                continue
+            m = copy.deepcopy(base)
+            work = WORK / f"{args.model}_{recipe}_{method}"
+            t = time.perf_counter()
+            if method == "qat":
+                qat(m, recipe, data, config=cfg, learn_scales=args.learn_scales, work=work)
+            else:
+                qad(m, copy.deepcopy(base), recipe, data, config=cfg, distill=dcfg, learn_scales=args.learn_scales,
+                    work=work)
+            hist = [h["loss"] for h in m.leanlm_training["history"] if "loss" in h]
+            record(recipe, method, m, time.perf_counter() - t,
+                   {"steps": m.leanlm_training["trained_steps"], "first_loss": hist[0], "last_loss": hist[-1]})
+            from leanlm.train.checkpoint import remove_checkpoint
+
+            remove_checkpoint(work)
+
+    float_ppl = next(r["perplexity"] for r in rows if r["method"] == "float")
+    print(f"\n{args.model}: {len(data)} x {args.seq_len} = {data.numel()} training tokens ({args.data}), lr {args.lr}, "
+          f"{args.eval_tokens} eval tokens (wiki eval split)\n")
+    print(f"| recipe | method | perplexity | gap to float | gap recovered | time (s) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        ptq = next((x["perplexity"] for x in rows if x["recipe"] == r["recipe"] and x["method"] == "ptq"), None)
+        gap = r["perplexity"] - float_ppl
+        rec = "" if r["method"] in ("float", "float_ft", "ptq") or ptq is None else f"{100 * (ptq - r['perplexity']) / (ptq - float_ppl):.0f}%"
+        print(f"| {r['recipe']} | {r['method']} | {r['perplexity']:.3f} | {gap:+.3f} | {rec} | {r['seconds']:.0f} |")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

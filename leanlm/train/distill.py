@@ -1,0 +1,113 @@
+"""Distillation losses bound to a teacher: live teacher forwards, or teacher top-k cached once.
+
+`DistillConfig` says how the student learns from the teacher; `distill_loss_fn` turns it into the
+training loop's `loss_fn`. QAD (quantized student) and distillation after pruning both use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import LeanLMError
+from .losses import HiddenLoss, kd_loss, kd_loss_topk, next_token_loss, teacher_topk
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillConfig:
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0  # mix in the ordinary next-token loss
+    hidden_weight: float = 0.0  # hidden-state loss on the final layer's output (see HiddenLoss)
+    topk: int = 0  # > 0: precompute the teacher's top-k log-probs once (cache) instead of live forwards
+    cache: str | None = None  # where the top-k cache lives (default: the run's work folder)
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise LeanLMError(f"temperature {self.temperature} must be positive")
+        if min(self.kd_weight, self.ce_weight, self.hidden_weight) < 0:
+            raise LeanLMError("loss weights must be >= 0")
+        if self.topk and self.hidden_weight:
+            raise LeanLMError("the hidden-state loss needs live teacher forwards: drop --topk or --hidden-weight")
+
+
+def _fingerprint(teacher: nn.Module, data: torch.Tensor, cfg: DistillConfig) -> str:
+    h = hashlib.sha256(data.numpy().tobytes())
+    for p in list(teacher.parameters())[::7]:
+        h.update(f"{p.shape}:{float(p.detach().float().sum()):.6e}".encode())
+    h.update(f"T={cfg.temperature},k={cfg.topk}".encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def build_topk_cache(teacher: nn.Module, data: torch.Tensor, cfg: DistillConfig, path: Path,
+                     batch: int = 4, progress: bool = True) -> dict[str, torch.Tensor]:
+    """The teacher's top-k log-probabilities for every training sequence, computed once and saved."""
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    key = _fingerprint(teacher, data, cfg)
+    path = Path(path)
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                log.info(f"reusing teacher top-{cfg.topk} cache {path}")
+                return {k: f.get_tensor(k) for k in f.keys()}
+    device = next(teacher.parameters()).device
+    values, indices = [], []
+    for i in tqdm(range(0, len(data), batch), desc=f"teacher top-{cfg.topk}", disable=not progress, unit="batch"):
+        v, ix = teacher_topk(teacher(data[i:i + batch].to(device), use_cache=False).logits, cfg.topk, cfg.temperature)
+        values.append(v.cpu())
+        indices.append(ix.cpu())
+    tensors = {"values": torch.cat(values), "indices": torch.cat(indices)}
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"key": key})
+    tmp.replace(path)
+    return tensors
+
+
+def distill_loss_fn(teacher: nn.Module, cfg: DistillConfig, cache: dict[str, torch.Tensor] | None = None,
+                    hidden: HiddenLoss | None = None):
+    """The loop's loss_fn: weighted KD (+ CE, + hidden) for the student against `teacher`.
+
+    Training sequences (index >= 0) read the top-k cache when there is one; evaluation sequences
+    (negative index) always run the teacher.
+    """
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    want_hidden = hidden is not None and cfg.hidden_weight > 0
+
+    def loss_fn(model, ids, index):
+        out = model(ids, use_cache=False, output_hidden_states=want_hidden)
+        total = 0.0
+        if cfg.ce_weight:
+            total = total + cfg.ce_weight * next_token_loss(out.logits, ids)
+        if cache is not None and bool((index >= 0).all()):
+            v, ix = cache["values"][index].to(ids.device), cache["indices"][index].to(ids.device)
+            total = total + cfg.kd_weight * kd_loss_topk(out.logits, v, ix, cfg.temperature)
+        else:
+            with torch.no_grad():
+                t_out = teacher(ids, use_cache=False, output_hidden_states=want_hidden)
+            if cfg.kd_weight:
+                total = total + cfg.kd_weight * kd_loss(out.logits, t_out.logits, cfg.temperature)
+            if want_hidden:
+                total = total + cfg.hidden_weight * hidden(out.hidden_states, t_out.hidden_states)
+        return total
+
+    return loss_fn
+
+
+def ce_loss_fn(model, ids, index):
+    """The loop's loss_fn for plain training (QAT): next-token cross-entropy."""
+    return next_token_loss(model(ids, use_cache=False).logits, ids)

@@ -1,0 +1,126 @@
+"""`qat` and `qad`: quantization-aware training and distillation, starting from PTQ calibration.
+
+Both quantize with a recipe (same presets, same quantizers, same calibration as PTQ) but keep the
+weights float and fake-quantized, train them through straight-through gradients (optionally the
+per-block scales too, LSQ), then freeze them into codes: the result saves, loads and exports exactly
+like a PTQ result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import LeanLMError
+from ..quant.api import freeze_model, quantize
+from ..quant.linear import QuantLinear
+from ..quant.recipes import get_recipe
+from . import distributed as dist
+from .distill import DistillConfig, build_topk_cache, ce_loss_fn, distill_loss_fn
+from .loop import TrainConfig, train
+from .losses import HiddenLoss
+
+CALIB_SEQUENCES = 64  # PTQ initialisation samples, taken from the training data when no calib is given
+
+
+def trainable_parameters(model: nn.Module, train_embeddings: bool = False) -> dict[str, nn.Parameter]:
+    """Everything but the (often tied, vocabulary-sized) embeddings, which stay fixed unless asked."""
+    frozen = set()
+    if not train_embeddings:
+        for m in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if m is not None:
+                frozen.update(id(p) for p in m.parameters())
+    params = {}
+    for n, p in model.named_parameters():
+        p.requires_grad_(id(p) not in frozen)
+        if p.requires_grad:
+            params[n] = p
+    return params
+
+
+def training_sequences(tokenizer, source: str, config: TrainConfig, model=None) -> torch.Tensor:
+    """`config.tokens` worth of non-overlapping `seq_len` windows from the calibration split of `source`."""
+    from ..data import calibration_batches
+
+    n = max(config.batch_size, config.tokens // config.seq_len)
+    return calibration_batches(tokenizer, source, n, config.seq_len, seed=config.seed, model=model)
+
+
+def _prepare(model, recipe, data, calib, learn_scales: bool, progress: bool):
+    recipe = get_recipe(recipe)
+    if calib is None and recipe.needs_data:
+        calib = data[:CALIB_SEQUENCES]
+    quantize(model, recipe, calib=calib, progress=progress, freeze=False)
+    if learn_scales:
+        for q in model.modules():
+            if isinstance(q, QuantLinear):
+                if q.weight_spec is not None and not q.weight_spec.symmetric:
+                    raise LeanLMError(f"learned scales need symmetric weight formats; recipe '{recipe.name}' has "
+                                      f"{q.weight_spec.format} asymmetric: drop learn_scales")
+                q.learn_scales()
+    return recipe
+
+
+def _finish(model, history, config, planned, started, kind, extra):
+    freeze_model(model)
+    steps = max((h["step"] for h in history), default=0)
+    model.leanlm_training = {"method": kind, "trained_steps": steps, "planned_steps": planned,
+                             "seconds": round(time.perf_counter() - started, 1), "config": asdict(config),
+                             "history": history, **extra}
+    return model
+
+
+def qat(model: nn.Module, recipe, train_data: torch.Tensor, calib=None, config: TrainConfig | None = None,
+        learn_scales: bool = False, train_embeddings: bool = False, work: str | Path | None = None,
+        eval_data: torch.Tensor | None = None, progress: bool = True, on_step=None) -> nn.Module:
+    """Quantization-aware training: PTQ-calibrate `model` by `recipe`, fine-tune it fake-quantized on
+    its own next-token loss over `train_data` [N, L], freeze. Resumable through `work`."""
+    cfg = config or TrainConfig()
+    started = time.perf_counter()
+    recipe = _prepare(model, recipe, train_data, calib, learn_scales, progress)
+    params = trainable_parameters(model, train_embeddings)
+    history = train(model, params, train_data, ce_loss_fn, cfg, work, eval_data, progress, f"QAT ({recipe.name})",
+                    on_step, settings={"method": "qat", "recipe": recipe.name, "learn_scales": learn_scales})
+    return _finish(model, history, cfg, cfg.steps(len(train_data)), started, "qat", {"recipe": recipe.name, "learn_scales": learn_scales})
+
+
+def qad(student: nn.Module, teacher: nn.Module, recipe, train_data: torch.Tensor, calib=None,
+        config: TrainConfig | None = None, distill: DistillConfig | None = None, learn_scales: bool = False,
+        train_embeddings: bool = False, work: str | Path | None = None, eval_data: torch.Tensor | None = None,
+        progress: bool = True, on_step=None) -> nn.Module:
+    """Quantization-aware distillation: like `qat`, but the fake-quantized student learns to match the
+    frozen full-precision `teacher` (KL on logits, optional hidden-state and next-token terms)."""
+    cfg, dcfg = config or TrainConfig(), distill or DistillConfig()
+    if student is teacher:
+        raise LeanLMError("the teacher must be a separate float copy of the model: load it again")
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise LeanLMError(f"teacher vocabulary ({teacher.config.vocab_size}) differs from the student's "
+                          f"({student.config.vocab_size}): distill from a model with the same tokenizer")
+    started = time.perf_counter()
+    cache = None
+    if dcfg.topk:
+        if work is None and dcfg.cache is None:
+            raise LeanLMError("a teacher top-k cache needs a place: pass work=... or DistillConfig(cache=...)")
+        path = Path(dcfg.cache) if dcfg.cache else Path(work) / "teacher_topk.safetensors"
+        dist.init_from_env()
+        if dist.is_main():  # one process computes the cache, the others read it
+            cache = build_topk_cache(teacher, train_data, dcfg, path, progress=progress)
+        dist.barrier()
+        if not dist.is_main():
+            cache = build_topk_cache(teacher, train_data, dcfg, path, progress=False)
+    recipe = _prepare(student, recipe, train_data, calib, learn_scales, progress)
+    params = trainable_parameters(student, train_embeddings)
+    hidden = None
+    if dcfg.hidden_weight:
+        hidden = HiddenLoss([(-1, -1)], student.config.hidden_size, teacher.config.hidden_size)
+        params.update({f"hidden_loss.{n}": p for n, p in hidden.named_parameters()})
+    loss_fn = distill_loss_fn(teacher, dcfg, cache, hidden)
+    history = train(student, params, train_data, loss_fn, cfg, work, eval_data, progress, f"QAD ({recipe.name})",
+                    on_step, settings={"method": "qad", "recipe": recipe.name, "learn_scales": learn_scales,
+                                       **asdict(dcfg)})
+    return _finish(student, history, cfg, cfg.steps(len(train_data)), started, "qad",
+                   {"recipe": recipe.name, "learn_scales": learn_scales, "distill": asdict(dcfg)})

@@ -1,0 +1,196 @@
+"""QAT / QAD / the training loop: STE and LSQ gradients, loss going down, zero self-distillation,
+resume after a kill, two processes agreeing with one, the Trainer integration."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import leanlm
+from leanlm.quant.formats import NAMED_SPECS, QuantSpec, compute_qparams, effective_scale, fake_quantize_lsq
+from leanlm.quant.linear import QuantLinear
+from leanlm.train import DistillConfig, TrainConfig, qad, qat
+from leanlm.train.losses import kd_loss, kd_loss_topk, teacher_topk
+from tiny import tiny_llama
+
+TESTS = Path(__file__).parent
+
+
+def _data(n=16, length=32, seed=0):
+    # Repetitive sequences: a tiny model can learn them within a few steps.
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 256, (n, 8), generator=g)
+    return base.repeat(1, length // 8)
+
+
+def test_lsq_gradients_match_the_formula():
+    spec = QuantSpec("int4", block_size=4)
+    w = torch.tensor([[0.1, -0.7, 0.35, 2.0]], requires_grad=True)
+    s = torch.tensor([[[0.1]]], requires_grad=True)  # int4 codes -8..7 (range 7.5): 2.0 is clipped
+    y = fake_quantize_lsq(w, spec, s)
+    assert torch.allclose(y, torch.tensor([[0.1, -0.7, 0.4, 0.7]]))
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))  # straight through, zero where clipped
+    # LSQ: q - x/s inside the range, the clipped code (7) outside; scaled by 1/sqrt(numel * range)
+    lsq = (1.0 - 1.0) + (-7.0 + 7.0) + (4.0 - 3.5) + 7.0
+    assert torch.allclose(s.grad.reshape(()), torch.tensor(lsq / (4 * 7.5) ** 0.5))
+
+
+def test_lsq_forward_uses_the_stored_scale_encoding():
+    torch.manual_seed(0)
+    w = torch.randn(8, 32)
+    for name in ("nvfp4", "mxfp4"):
+        spec = NAMED_SPECS[name]
+        qp = compute_qparams(w, spec)
+        scale = effective_scale(qp) * 1.013  # off the E4M3 / E8M0 grid: the forward rounds it as freeze would
+        q = QuantLinear(32, 8, False, spec)
+        q.weight.data.copy_(w)
+        q.learn_scales()
+        q.learned_scale.data.copy_(scale)
+        fake = q.quantized_weight().detach()
+        q.freeze()
+        assert torch.equal(fake, q._dequantize_frozen()), name
+        assert "learned_scale" not in dict(q.named_parameters())
+
+
+def test_qat_lowers_the_loss_and_saves_like_ptq(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    model = tiny_llama(seed=1)
+    data = _data(32)
+    held = data[:8]  # memorizing the repeated patterns is the learnable part
+    before = copy.deepcopy(model)
+    leanlm.quantize(before, "w4a16_rtn_g64")
+    cfg = TrainConfig(batch_size=8, micro_batch=4, lr=1e-2, epochs=6, bf16=False, seq_len=32)
+    qat(model, "w4a16_rtn_g64", data, config=cfg, progress=False, learn_scales=True, train_embeddings=True)
+    assert all(q.frozen for q in model.modules() if isinstance(q, QuantLinear))
+    from leanlm.train.losses import next_token_loss
+
+    with torch.no_grad():
+        loss_before = next_token_loss(before(held).logits, held) / held[:, 1:].numel()
+        loss_after = next_token_loss(model(held).logits, held) / held[:, 1:].numel()
+    assert loss_after < loss_before - 0.5
+    hist = model.leanlm_training["history"]
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    leanlm.save(model, tokenizer, tmp_path / "out")
+    again, _ = leanlm.load(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(again(held).logits, model(held).logits)
+    assert json.loads((tmp_path / "out" / "training.json").read_text())["method"] == "qat"
+
+
+def test_self_distillation_loss_is_zero():
+    torch.manual_seed(0)
+    model = tiny_llama(seed=2)
+    ids = _data(2)
+    with torch.no_grad():
+        logits = model(ids).logits
+        other = tiny_llama(seed=3)(ids).logits
+    for t in (1.0, 2.0):
+        assert kd_loss(logits, logits.clone(), t).abs() < 1e-4
+        v, ix = teacher_topk(logits, 16, t)
+        assert kd_loss_topk(logits, v, ix, t).abs() < 1e-4
+        assert kd_loss_topk(other, v, ix, t) > 0.1
+        # the k+1 buckets bound the full KL from below (grouping outcomes never increases KL)
+        assert kd_loss_topk(other, v, ix, t) <= kd_loss(other, logits, t) + 1e-3
+
+
+def test_qad_with_the_teacher_as_student_starts_at_zero(tmp_path):
+    student = tiny_llama(seed=4)
+    teacher = copy.deepcopy(student)
+    losses = []
+    cfg = TrainConfig(batch_size=4, micro_batch=4, lr=0.0, bf16=False, seq_len=32)
+    # No quantization (every layer excluded) and lr 0: the student is the teacher, the loss is zero.
+    recipe = {"name": "none", "rules": [{"pattern": "*", "enable": False}, {"pattern": "*.q_proj", "weight": "int8"}],
+              "exclude": ["*"]}
+    with pytest.raises(leanlm.LeanLMError, match="selects no linear layer"):
+        qad(student, teacher, recipe, _data(4), config=cfg, progress=False)
+    student = copy.deepcopy(teacher)
+    qad(student, teacher, "w8a16", _data(8), config=cfg, progress=False,
+        on_step=lambda step, rec: losses.append(rec["loss"]))
+    assert 0 < losses[0] < 1e-3  # only the INT8 rounding separates them
+    cfg.lr = 3e-3
+    cfg.epochs = 3
+    student = copy.deepcopy(teacher)
+    qad(student, teacher, "nvfp4", _data(16), config=cfg, progress=False, work=tmp_path / "w",
+        distill=DistillConfig(topk=8, ce_weight=0.1), on_step=lambda step, rec: losses.append(rec["loss"]))
+    assert (tmp_path / "w" / "teacher_topk.safetensors").is_file()
+    hist = student.leanlm_training["history"]
+    assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
+    cfg = TrainConfig(batch_size=4, micro_batch=2, lr=1e-3, epochs=2, bf16=False, seq_len=32, checkpoint_every=2)
+    data = _data(16)
+
+    def run(work, kill_at=None):
+        model = tiny_llama(seed=5)
+
+        def on_step(step, rec):
+            if step == kill_at:
+                raise KeyboardInterrupt
+
+        qat(model, "nvfp4", data, config=cfg, progress=False, work=work, on_step=on_step)
+        return model
+
+    ref = run(None)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "w", kill_at=5)  # steps 5 is lost; the checkpoint holds step 4
+    assert json.loads((tmp_path / "w" / "checkpoint.json").read_text())["step"] == 4
+    resumed = run(tmp_path / "w")
+    for (n, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert ref.leanlm_training["history"] == resumed.leanlm_training["history"]
+    cfg.lr = 2e-3  # other settings cannot resume that checkpoint
+    with pytest.raises(leanlm.LeanLMError, match="other lr"):
+        run(tmp_path / "w")
+
+
+def test_two_processes_match_one(tmp_path):
+    sys.path.insert(0, str(TESTS))
+    import train_script
+
+    single = train_script.run(micro_batch=2)
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(TESTS / "train_script.py"), str(out), "2"], check=True, env=env, cwd=tmp_path,
+                   capture_output=True, timeout=300)
+    assert json.loads(out.read_text()) == single
+
+
+def test_trainer_integration(tmp_path):
+    from transformers import TrainingArguments
+
+    from leanlm.train.hf import DistillationTrainer
+
+    teacher = tiny_llama(seed=6)
+    student = copy.deepcopy(teacher)
+    leanlm.quantize(student, "nvfp4", freeze=False)
+    data = [{"input_ids": x, "labels": x} for x in _data(16)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=3,
+                             learning_rate=3e-3, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+                             disable_tqdm=True)
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=data, teacher=teacher,
+                                  distill=DistillConfig(ce_weight=0.1))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+    leanlm.freeze_model(student)
+    assert all(q.frozen for q in student.modules() if isinstance(q, QuantLinear))
+
+
+def test_bad_training_input_is_a_clear_error():
+    model = tiny_llama()
+    with pytest.raises(leanlm.LeanLMError, match="fewer than one batch"):
+        qat(model, "w8a16", _data(2), config=TrainConfig(batch_size=8), progress=False)
+    with pytest.raises(leanlm.LeanLMError, match="separate float copy"):
+        qad(model, model, "w8a16", _data(8), progress=False)
+    with pytest.raises(leanlm.LeanLMError, match="temperature"):
+        DistillConfig(temperature=0)
