@@ -181,29 +181,17 @@ def cmd_speculate_train(args) -> None:
 
 def cmd_train_quantized(args) -> None:
     """`leanlm qat` and `leanlm qad`."""
-    import torch
-
     from .data import calibration_batches, documents
-    from .eval import evaluate
-    from .eval.report import format_table
-    from .models import load, save
+    from .models import load
     from .quant.recipes import get_recipe
-    from .train import DistillConfig, TrainConfig, qad, qat, training_sequences
-    from .train import distributed as dist
+    from .train import qad, qat, training_sequences
 
     recipe = get_recipe(args.recipe)
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise LeanLMError(f"output '{out}' already exists: choose another --out or pass --overwrite")
+    out = _check_out(args)
     for source in filter(None, (args.data, args.calib, args.eval_tokens and args.eval_data)):
         documents(source)
-    cfg = TrainConfig(tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-                      micro_batch=args.micro_batch, epochs=args.epochs, lr=args.lr, bf16=not args.no_bf16,
-                      checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes, seed=args.seed)
-    distill = None
-    if args.command == "qad":
-        distill = DistillConfig(temperature=args.temperature, ce_weight=args.ce_weight,
-                                hidden_weight=args.hidden_weight, topk=args.topk)
+    cfg = _train_config(args)
+    distill = _distill_config(args) if args.command == "qad" else None
     model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
     data = training_sequences(tok, args.data, cfg, model=model)
     calib = calibration_batches(tok, args.calib, args.calib_samples, args.seq_len, model=model) if args.calib else None
@@ -216,21 +204,117 @@ def cmd_train_quantized(args) -> None:
         teacher, _ = load(args.teacher or args.model, trust_remote_code=args.trust_remote_code)
         qad(model, teacher, recipe, data, distill=distill, **kw)
         del teacher
+    _finish_training(args, model, tok, out, work, f"{args.command.upper()} of {args.model} with {recipe.name}", t,
+                     f"{recipe.name}-{args.command}")
+
+
+def _train_config(args):
+    from .train import TrainConfig
+
+    return TrainConfig(tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                       micro_batch=args.micro_batch, epochs=args.epochs, lr=args.lr, bf16=not args.no_bf16,
+                       checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes, seed=args.seed)
+
+
+def _distill_config(args):
+    from .train import DistillConfig
+
+    return DistillConfig(temperature=args.temperature, ce_weight=args.ce_weight, hidden_weight=args.hidden_weight,
+                         topk=args.topk)
+
+
+def _check_out(args) -> Path:
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise LeanLMError(f"output '{out}' already exists: choose another --out or pass --overwrite")
+    return out
+
+
+def _finish_training(args, model, tok, out: Path, work: Path, what: str, started: float, name: str) -> None:
+    """Save a trained model (main process only), drop its checkpoint, optionally evaluate it."""
+    import torch
+
+    from .eval import evaluate
+    from .eval.report import format_table
+    from .models import save
+    from .train import distributed as dist
+    from .train.checkpoint import remove_checkpoint
+
     if not dist.is_main():
         return
     info = model.leanlm_training
     save(model, tok, out, overwrite=args.overwrite)
-    from .train.checkpoint import remove_checkpoint
-
     remove_checkpoint(work)  # done; a teacher top-k cache stays for further runs
-    print(f"{args.command.upper()} of {args.model} with {recipe.name}: {info['trained_steps']}/{info['planned_steps']} "
-          f"steps, {len(data)} x {args.seq_len} tokens, {time.perf_counter() - t:.0f}s -> {out}")
+    print(f"{what}: {info['trained_steps']}/{info['planned_steps']} steps of {args.batch_size} x {args.seq_len} "
+          f"tokens, {time.perf_counter() - started:.0f}s -> {out}")
     if args.eval_tokens:
         with torch.no_grad():
-            result = evaluate(model, tok, data=args.eval_data, max_tokens=args.eval_tokens,
-                              name=f"{recipe.name}-{args.command}")
+            result = evaluate(model, tok, data=args.eval_data, max_tokens=args.eval_tokens, name=name)
         print(format_table([result]))
         _write_json(str(out / "eval.json"), result)
+
+
+def _calib(args, tok, model):
+    from .data import calibration_batches
+
+    return calibration_batches(tok, args.calib, args.calib_samples, args.seq_len, model=model)
+
+
+def cmd_prune(args) -> None:
+    from .data import documents
+    from .models import load, save
+    from .prune import non_embedding_parameters, prune
+
+    out = _check_out(args)
+    if not (args.params or any((args.heads, args.kv_heads, args.ffn, args.hidden, args.layers))):
+        raise LeanLMError("nothing to prune: pass --params 70% or a shape (--heads, --kv-heads, --ffn, --hidden, --layers)")
+    documents(args.calib)
+    model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
+    t = time.perf_counter()
+    small = prune(model, _calib(args, tok, model), params=args.params, axis=args.axis, heads=args.heads,
+                  kv_heads=args.kv_heads, ffn=args.ffn, hidden=args.hidden, layers=args.layers,
+                  layer_metric=args.layer_metric)
+    save(small, tok, out, overwrite=args.overwrite)
+    before, after = non_embedding_parameters(model), non_embedding_parameters(small)
+    c = small.config
+    print(f"pruned {args.model} in {time.perf_counter() - t:.0f}s -> {out}: {c.num_hidden_layers} layers, hidden "
+          f"{c.hidden_size}, ffn {c.intermediate_size}, {c.num_attention_heads} heads / {c.num_key_value_heads} KV; "
+          f"non-embedding parameters {before / 1e6:.1f}M -> {after / 1e6:.1f}M ({after / before:.0%})")
+
+
+def cmd_sparsify(args) -> None:
+    from .data import documents
+    from .models import load, save
+    from .prune.sparsity import parse_pattern, sparsify, sparsity_report
+
+    out = _check_out(args)
+    parse_pattern(args.sparsity)
+    if args.method != "magnitude":
+        documents(args.calib)
+    model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
+    calib = None if args.method == "magnitude" else _calib(args, tok, model)
+    t = time.perf_counter()
+    sparsify(model, args.method, args.sparsity, calib)
+    save(model, tok, out, overwrite=args.overwrite)
+    print(f"{args.method} {args.sparsity} sparsity on {args.model} in {time.perf_counter() - t:.0f}s -> {out} "
+          f"({sparsity_report(model)['zero_fraction']:.1%} of the decoder's linear weights are zero)")
+
+
+def cmd_distill(args) -> None:
+    from .data import documents
+    from .models import load
+    from .train import distill, training_sequences
+
+    out = _check_out(args)
+    documents(args.data)
+    cfg, dcfg = _train_config(args), _distill_config(args)
+    student, tok = load(args.model, trust_remote_code=args.trust_remote_code)
+    teacher, _ = load(args.teacher, trust_remote_code=args.trust_remote_code)
+    data = training_sequences(tok, args.data, cfg, model=student)
+    work = out.with_name(out.name + ".work")
+    t = time.perf_counter()
+    distill(student, teacher, data, cfg, dcfg, work)
+    _finish_training(args, student, tok, out, work, f"distilled {args.model} from {args.teacher}", t, "distilled")
 
 
 def cmd_speculate_bench(args) -> None:
@@ -337,38 +421,82 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tree", action="store_true", help="draft a tree of --draft-tokens tokens (greedy; ngram, EAGLE-3)")
     s.set_defaults(fn=cmd_generate)
 
-    for name, help_ in (("qat", "quantization-aware training: PTQ, then fine-tune fake-quantized (resumable)"),
-                        ("qad", "quantization-aware distillation from the float model (resumable)")):
-        s = sub.add_parser(name, help=help_)
-        model_args(s)
-        s.add_argument("--recipe", required=True, help="preset name (see `leanlm recipes`) or a YAML/JSON file")
-        s.add_argument("--out", required=True, help="output folder (like `leanlm quantize`); checkpoints go to OUT.work")
+    def training_args(s, lr: float):
         s.add_argument("--data", default="wiki", help="training text: wiki, news, pydoc (calibration split) or a file")
         s.add_argument("--tokens", type=_positive, default=100_000, help="training tokens (default 100000)")
         s.add_argument("--seq-len", type=_positive, default=256)
         s.add_argument("--batch-size", type=_positive, default=8, help="sequences per step, all processes together")
         s.add_argument("--micro-batch", type=_positive, default=4, help="sequences per forward (gradient accumulation)")
         s.add_argument("--epochs", type=_positive, default=1)
-        s.add_argument("--lr", type=float, default=2e-5)
-        s.add_argument("--learn-scales", action="store_true", help="also train the weight scales (LSQ)")
+        s.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
         s.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bf16 autocast)")
-        s.add_argument("--calib", default=None,
-                       help="PTQ calibration data (default: the first training sequences, when the recipe needs any)")
-        s.add_argument("--calib-samples", type=_positive, default=64)
         s.add_argument("--checkpoint-every", type=_positive, default=25, help="steps between checkpoints")
         s.add_argument("--max-minutes", type=float, default=None, help="stop early (checkpointed) after this long")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--eval-tokens", type=int, default=0, help="evaluate afterwards (writes OUT/eval.json)")
         s.add_argument("--eval-data", default="wiki")
         s.add_argument("--overwrite", action="store_true")
+
+    def distill_args(s):
+        s.add_argument("--temperature", type=float, default=1.0)
+        s.add_argument("--ce-weight", type=float, default=0.0, help="weight of the next-token loss mixed in")
+        s.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state loss")
+        s.add_argument("--topk", type=int, default=0,
+                       help="cache the teacher's top-k log-probs once instead of running it every step")
+
+    for name, help_ in (("qat", "quantization-aware training: PTQ, then fine-tune fake-quantized (resumable)"),
+                        ("qad", "quantization-aware distillation from the float model (resumable)")):
+        s = sub.add_parser(name, help=help_)
+        model_args(s)
+        s.add_argument("--recipe", required=True, help="preset name (see `leanlm recipes`) or a YAML/JSON file")
+        s.add_argument("--out", required=True, help="output folder (like `leanlm quantize`); checkpoints go to OUT.work")
+        training_args(s, 2e-5)
+        s.add_argument("--learn-scales", action="store_true", help="also train the weight scales (LSQ)")
+        s.add_argument("--calib", default=None,
+                       help="PTQ calibration data (default: the first training sequences, when the recipe needs any)")
+        s.add_argument("--calib-samples", type=_positive, default=64)
         if name == "qad":
             s.add_argument("--teacher", default=None, help="teacher model (default: MODEL itself, in float)")
-            s.add_argument("--temperature", type=float, default=1.0)
-            s.add_argument("--ce-weight", type=float, default=0.0, help="weight of the next-token loss mixed in")
-            s.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state loss")
-            s.add_argument("--topk", type=int, default=0,
-                           help="cache the teacher's top-k log-probs once instead of running it every step")
+            distill_args(s)
         s.set_defaults(fn=cmd_train_quantized)
+
+    s = sub.add_parser("prune", help="structured pruning (heads, MLP neurons, hidden channels, layers) to a smaller model")
+    model_args(s)
+    s.add_argument("--out", required=True, help="the pruned model: a plain HF folder")
+    s.add_argument("--params", default=None, help="keep this share of the non-embedding parameters, e.g. 70%%")
+    s.add_argument("--axis", choices=("width", "depth"), default="width",
+                   help="how --params is reached: MLP width, or whole layers (default width)")
+    s.add_argument("--heads", type=_positive, help="query heads to keep (a multiple of the KV heads kept)")
+    s.add_argument("--kv-heads", type=_positive, help="KV heads (query groups) to keep")
+    s.add_argument("--ffn", type=_positive, help="MLP intermediate size to keep")
+    s.add_argument("--hidden", type=_positive, help="hidden (embedding) channels to keep")
+    s.add_argument("--layers", type=_positive, help="decoder layers to keep")
+    s.add_argument("--layer-metric", choices=("block", "loss"), default="block",
+                   help="layer importance: block (1 - cos of input and output) or loss (calibration loss when skipped)")
+    s.add_argument("--calib", default="wiki", help="importance data: wiki, news, pydoc or a file (default wiki)")
+    s.add_argument("--calib-samples", type=_positive, default=64)
+    s.add_argument("--seq-len", type=_positive, default=256)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_prune)
+
+    s = sub.add_parser("sparsify", help="unstructured or 2:4 sparsity by magnitude, Wanda or SparseGPT")
+    model_args(s)
+    s.add_argument("--out", required=True)
+    s.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="wanda")
+    s.add_argument("--sparsity", default="2:4", help="2:4, or a fraction of each row like 0.5 (default 2:4)")
+    s.add_argument("--calib", default="wiki")
+    s.add_argument("--calib-samples", type=_positive, default=64)
+    s.add_argument("--seq-len", type=_positive, default=256)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_sparsify)
+
+    s = sub.add_parser("distill", help="knowledge distillation of a (pruned, sparse) student from a teacher (resumable)")
+    model_args(s)
+    s.add_argument("--teacher", required=True, help="the teacher model (same tokenizer)")
+    s.add_argument("--out", required=True, help="the distilled model; checkpoints go to OUT.work")
+    training_args(s, 1e-4)
+    distill_args(s)
+    s.set_defaults(fn=cmd_distill)
 
     sp = sub.add_parser("speculate", help="train EAGLE-3 draft heads and benchmark speculative decoding")
     ssub = sp.add_subparsers(dest="speculate_command", required=True, metavar="ACTION")

@@ -1,5 +1,11 @@
-"""Structured pruning (so far: dropping whole decoder layers into a genuinely smaller HF model)."""
+"""Pruning: Minitron-style structured pruning (width and depth) into smaller HF models, and
+unstructured / 2:4 sparsity (magnitude, Wanda, SparseGPT)."""
 
+from .api import choose, parse_fraction, prune, shape_for_target
 from .depth import drop_layers
+from .importance import Importance, importance, layer_loss_importance
+from .shapes import non_embedding_parameters
+from .structured import Keep, apply_keep
 
-__all__ = ["drop_layers"]
+__all__ = ["Importance", "Keep", "apply_keep", "choose", "drop_layers", "importance", "layer_loss_importance",
+           "non_embedding_parameters", "parse_fraction", "prune", "shape_for_target"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -106,6 +106,61 @@ def distill_loss_fn(teacher: nn.Module, cfg: DistillConfig, cache: dict[str, tor
         return total
 
     return loss_fn
+
+
+def distill(student: nn.Module, teacher: nn.Module, train_data: torch.Tensor, config=None,
+            distill: DistillConfig | None = None, work: str | Path | None = None,
+            eval_data: torch.Tensor | None = None, train_embeddings: bool = True, progress: bool = True,
+            on_step=None, desc: str = "distillation", settings: dict | None = None) -> nn.Module:
+    """Knowledge distillation of a (pruned, sparse) `student` from `teacher` on `train_data` [N, L].
+
+    Weights that are exactly zero (a sparsity mask) stay zero. With a hidden-state loss and widths that
+    differ, a learned projection maps the student's final hidden states onto the teacher's (trained
+    along, dropped afterwards). Resumable through `work`; returns the student, trained in place.
+    """
+    import time
+
+    from ..prune.sparsity import keep_sparsity
+    from . import distributed as dist
+    from .loop import TrainConfig, train
+    from .qat import trainable_parameters
+
+    cfg, dcfg = config or TrainConfig(), distill or DistillConfig()
+    if student is teacher:
+        raise LeanLMError("the teacher must be a separate model: load it again")
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise LeanLMError(f"teacher vocabulary ({teacher.config.vocab_size}) differs from the student's "
+                          f"({student.config.vocab_size}): distill from a model with the same tokenizer")
+    started = time.perf_counter()
+    cache = None
+    if dcfg.topk:
+        if work is None and dcfg.cache is None:
+            raise LeanLMError("a teacher top-k cache needs a place: pass work=... or DistillConfig(cache=...)")
+        path = Path(dcfg.cache) if dcfg.cache else Path(work) / "teacher_topk.safetensors"
+        dist.init_from_env()
+        if dist.is_main():
+            cache = build_topk_cache(teacher, train_data, dcfg, path, progress=progress)
+        dist.barrier()
+        if not dist.is_main():
+            cache = build_topk_cache(teacher, train_data, dcfg, path, progress=False)
+    params = trainable_parameters(student, train_embeddings)
+    hidden = None
+    if dcfg.hidden_weight:
+        hidden = HiddenLoss([(-1, -1)], student.config.hidden_size, teacher.config.hidden_size)
+        params.update({f"hidden_loss.{n}": p for n, p in hidden.named_parameters()})
+    hooks = keep_sparsity(student)
+    try:
+        history = train(student, params, train_data, distill_loss_fn(teacher, dcfg, cache, hidden), cfg, work,
+                        eval_data, progress, desc, on_step, settings={"method": "distill", **asdict(dcfg),
+                                                                       **(settings or {})})
+    finally:
+        for h in hooks:
+            h.remove()
+    student.leanlm_training = {"method": "distill", "trained_steps": max((h["step"] for h in history), default=0),
+                               "planned_steps": cfg.steps(len(train_data)),
+                               "seconds": round(time.perf_counter() - started, 1), "config": asdict(cfg),
+                               "distill": asdict(dcfg), "history": history}
+    return student
 
 
 def ce_loss_fn(model, ids, index):

@@ -19,10 +19,9 @@ from ..errors import LeanLMError
 from ..quant.api import freeze_model, quantize
 from ..quant.linear import QuantLinear
 from ..quant.recipes import get_recipe
-from . import distributed as dist
-from .distill import DistillConfig, build_topk_cache, ce_loss_fn, distill_loss_fn
+from .distill import DistillConfig, ce_loss_fn
+from .distill import distill as distill_model
 from .loop import TrainConfig, train
-from .losses import HiddenLoss
 
 CALIB_SEQUENCES = 64  # PTQ initialisation samples, taken from the training data when no calib is given
 
@@ -85,7 +84,8 @@ def qat(model: nn.Module, recipe, train_data: torch.Tensor, calib=None, config: 
     params = trainable_parameters(model, train_embeddings)
     history = train(model, params, train_data, ce_loss_fn, cfg, work, eval_data, progress, f"QAT ({recipe.name})",
                     on_step, settings={"method": "qat", "recipe": recipe.name, "learn_scales": learn_scales})
-    return _finish(model, history, cfg, cfg.steps(len(train_data)), started, "qat", {"recipe": recipe.name, "learn_scales": learn_scales})
+    return _finish(model, history, cfg, cfg.steps(len(train_data)), started, "qat",
+                   {"recipe": recipe.name, "learn_scales": learn_scales})
 
 
 def qad(student: nn.Module, teacher: nn.Module, recipe, train_data: torch.Tensor, calib=None,
@@ -97,30 +97,10 @@ def qad(student: nn.Module, teacher: nn.Module, recipe, train_data: torch.Tensor
     cfg, dcfg = config or TrainConfig(), distill or DistillConfig()
     if student is teacher:
         raise LeanLMError("the teacher must be a separate float copy of the model: load it again")
-    if teacher.config.vocab_size != student.config.vocab_size:
-        raise LeanLMError(f"teacher vocabulary ({teacher.config.vocab_size}) differs from the student's "
-                          f"({student.config.vocab_size}): distill from a model with the same tokenizer")
     started = time.perf_counter()
-    cache = None
-    if dcfg.topk:
-        if work is None and dcfg.cache is None:
-            raise LeanLMError("a teacher top-k cache needs a place: pass work=... or DistillConfig(cache=...)")
-        path = Path(dcfg.cache) if dcfg.cache else Path(work) / "teacher_topk.safetensors"
-        dist.init_from_env()
-        if dist.is_main():  # one process computes the cache, the others read it
-            cache = build_topk_cache(teacher, train_data, dcfg, path, progress=progress)
-        dist.barrier()
-        if not dist.is_main():
-            cache = build_topk_cache(teacher, train_data, dcfg, path, progress=False)
     recipe = _prepare(student, recipe, train_data, calib, learn_scales, progress)
-    params = trainable_parameters(student, train_embeddings)
-    hidden = None
-    if dcfg.hidden_weight:
-        hidden = HiddenLoss([(-1, -1)], student.config.hidden_size, teacher.config.hidden_size)
-        params.update({f"hidden_loss.{n}": p for n, p in hidden.named_parameters()})
-    loss_fn = distill_loss_fn(teacher, dcfg, cache, hidden)
-    history = train(student, params, train_data, loss_fn, cfg, work, eval_data, progress, f"QAD ({recipe.name})",
-                    on_step, settings={"method": "qad", "recipe": recipe.name, "learn_scales": learn_scales,
-                                       **asdict(dcfg)})
+    distill_model(student, teacher, train_data, cfg, dcfg, work, eval_data, train_embeddings, progress, on_step,
+                  f"QAD ({recipe.name})", {"method": "qad", "recipe": recipe.name, "learn_scales": learn_scales})
+    history = student.leanlm_training["history"]
     return _finish(student, history, cfg, cfg.steps(len(train_data)), started, "qad",
                    {"recipe": recipe.name, "learn_scales": learn_scales, "distill": asdict(dcfg)})

@@ -1,0 +1,201 @@
+"""Structured pruning, importance, sparsity and distillation on tiny models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import leanlm
+from leanlm.cli import main
+from leanlm.prune import Keep, apply_keep, importance, non_embedding_parameters, prune, shape_for_target
+from leanlm.prune.sparsity import keep_sparsity, prune_mask, sparsify, sparsity_report
+from tiny import tiny_gemma3, tiny_llama, tiny_qwen2
+
+MODELS = [tiny_llama, tiny_qwen2, tiny_gemma3]
+
+
+def _ids(n=8, length=32, seed=0):
+    return torch.randint(0, 256, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _loop(ids):
+    return lambda m: m(ids, use_cache=False)
+
+
+@pytest.mark.parametrize("make", MODELS)
+def test_pruning_nothing_reproduces_the_logits_exactly(make):
+    model = make()
+    same = apply_keep(model, Keep.everything(model))
+    ids = _ids(2)
+    with torch.no_grad():
+        assert torch.equal(same(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("make", MODELS)
+def test_pruned_shapes_counts_and_plain_transformers_reload(make, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = make()
+    small = prune(model, _ids(), heads=2, kv_heads=1, ffn=64, hidden=48, layers=1)
+    c = small.config
+    assert (c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.hidden_size, c.num_hidden_layers) == \
+        (2, 1, 64, 48, 1)
+    layer = small.model.layers[0]
+    assert layer.self_attn.q_proj.weight.shape == (2 * 16, 48)
+    assert layer.self_attn.k_proj.weight.shape == (16, 48)
+    assert layer.mlp.down_proj.weight.shape == (48, 64)
+    assert small.model.embed_tokens.weight.shape == (256, 48)
+    assert non_embedding_parameters(small) == sum(p.numel() for n, p in small.named_parameters()
+                                                  if ".layers." in n and p.ndim == 2)
+    small.save_pretrained(tmp_path / "small")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "small")
+    ids = _ids(2)
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, small(ids).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", MODELS)
+def test_dead_hidden_channel_ranks_last_and_prunes_away_harmlessly(make):
+    model = make()
+    with torch.no_grad():  # channel 5 is never written: embeddings, o_proj and down_proj rows are zero
+        model.model.embed_tokens.weight[:, 5] = 0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[5] = 0
+            layer.mlp.down_proj.weight[5] = 0
+    ids = _ids()
+    imp = importance(model, _loop(ids))
+    assert imp.hidden.argmin() == 5
+    keep = Keep.everything(model)
+    keep.hidden = [i for i in range(64) if i != 5]
+    small = apply_keep(model, keep)  # norm gains compensate the narrower RMS: only epsilon differs
+    with torch.no_grad():
+        assert torch.allclose(small(ids).logits, model(ids).logits, atol=2e-3)
+
+
+def test_planted_dead_head_and_neuron_rank_last():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight[16:32] = 0  # KV head 1 feeds query heads 2 and 3
+        model.model.layers[1].self_attn.q_proj.weight[0:16] *= 0  # query head 0 still attends (uniformly)
+        model.model.layers[0].mlp.up_proj.weight[7] = 0  # neuron 7 is always zero
+    imp = importance(model, _loop(_ids()))
+    assert set(imp.heads[1].argsort()[:2].tolist()) == {2, 3}
+    assert imp.kv_groups[1].argmin() == 1
+    assert imp.neurons[0].argmin() == 7 and imp.neurons[0, 7] == 0
+    small = prune(model, _ids(), kv_heads=1, ffn=127)
+    assert small.config.num_key_value_heads == 1 and small.config.intermediate_size == 127
+    with torch.no_grad():  # layer 1 kept KV group 0: its K and V are the original group 0's
+        assert torch.equal(small.model.layers[1].self_attn.v_proj.weight, model.model.layers[1].self_attn.v_proj.weight[:16])
+        assert torch.equal(small.model.layers[0].mlp.up_proj.weight,
+                           model.model.layers[0].mlp.up_proj.weight[[i for i in range(128) if i != 7]])
+
+
+def test_layer_importance_finds_an_identity_layer():
+    model = tiny_llama(layers=3)
+    with torch.no_grad():  # layer 1 adds nothing to the residual stream
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    ids = _ids()
+    imp = importance(model, _loop(ids))
+    assert imp.layers.argmin() == 1 and imp.layers[1] < 1e-6
+    from leanlm.prune import layer_loss_importance
+
+    assert layer_loss_importance(model, ids).abs()[1] < 1e-5
+    small = prune(model, ids, layers=2)
+    with torch.no_grad():
+        assert torch.allclose(small(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_parameter_targets():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=512, num_hidden_layers=10,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    model = LlamaForCausalLM(config)
+    assert shape_for_target(model, 0.7, "depth") == {"layers": 7}
+    ffn = shape_for_target(model, 0.7, "width")["ffn"]
+    small = prune(model, _ids(), params="70%", axis="width")
+    assert small.config.intermediate_size == ffn
+    assert abs(non_embedding_parameters(small) / non_embedding_parameters(model) - 0.7) < 0.03
+    with pytest.raises(leanlm.LeanLMError, match="like 70%"):
+        prune(model, _ids(), params="most")
+    with pytest.raises(leanlm.LeanLMError, match="multiple of the KV heads"):
+        prune(model, _ids(), heads=3)
+
+
+def test_unsupported_architecture_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(leanlm.LeanLMError, match="does not support 'gpt2'"):
+        prune(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=4)), _ids(), layers=1)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_sparsity_masks_have_the_exact_pattern(method):
+    model = tiny_llama()
+    ids = _ids()
+    sparsify(model, method, "2:4", calib=ids, progress=False)
+    for layer in model.model.layers:
+        for lin in (layer.self_attn.q_proj, layer.mlp.down_proj, layer.mlp.gate_proj):
+            assert ((lin.weight.reshape(-1, 4) != 0).sum(-1) == 2).all()
+    assert sparsity_report(model)["zero_fraction"] == 0.5
+    model = tiny_llama()
+    sparsify(model, method, 0.5, calib=ids, progress=False)
+    rows = model.model.layers[0].mlp.up_proj.weight
+    assert ((rows == 0).sum(-1) == rows.shape[1] // 2).all()
+
+
+def test_sparsegpt_beats_magnitude_on_the_layer_outputs():
+    model = tiny_llama()
+    ids = _ids(16)
+    with torch.no_grad():
+        ref = model(ids).logits
+    err = {}
+    for method in ("magnitude", "sparsegpt"):
+        m = sparsify(copy.deepcopy(model), method, "2:4", calib=ids, progress=False)
+        with torch.no_grad():
+            err[method] = (m(ids).logits - ref).pow(2).mean()
+    assert err["sparsegpt"] < err["magnitude"]
+
+
+def test_prune_mask():
+    score = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.0, 5.0, 6.0, 7.0]])
+    assert prune_mask(score, "2:4").tolist() == [[True, False, True, False, False, False, True, True]]
+    assert prune_mask(score, 0.25).tolist() == [[True, False, True, True, False, True, True, True]]
+
+
+def test_distillation_recovers_and_keeps_sparsity(tmp_path):
+    teacher = tiny_llama(seed=3)
+    ids = _ids(32)
+    student = prune(teacher, ids, ffn=64, hidden=48)
+    sparsify(student, "magnitude", "2:4")
+    zeros = student.model.layers[0].mlp.up_proj.weight == 0
+    cfg = leanlm.TrainConfig(batch_size=8, micro_batch=4, lr=3e-3, epochs=3, bf16=False, seq_len=32)
+    dcfg = leanlm.DistillConfig(hidden_weight=0.5)
+    leanlm.train.distill(student, teacher, ids, cfg, dcfg, work=tmp_path / "w", progress=False)
+    hist = student.leanlm_training["history"]
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert torch.equal(student.model.layers[0].mlp.up_proj.weight == 0, zeros)
+
+
+def test_cli_prune_sparsify_distill(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", str(tiny_model_dir), "--ffn", "64", "--layers", "1", "--out", str(out),
+                 "--calib-samples", "4", "--seq-len", "64"]) == 0
+    assert "non-embedding parameters" in capsys.readouterr().out
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
+    assert main(["sparsify", str(out), "--method", "wanda", "--out", str(tmp_path / "sparse"),
+                 "--calib-samples", "4", "--seq-len", "64"]) == 0
+    assert main(["distill", str(tmp_path / "sparse"), "--teacher", str(tiny_model_dir), "--out",
+                 str(tmp_path / "dist"), "--tokens", "1024", "--seq-len", "64", "--batch-size", "4",
+                 "--no-bf16"]) == 0
+    model, _ = leanlm.load(tmp_path / "dist")
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert ((w.reshape(-1, 4) != 0).sum(-1) <= 2).all()  # the 2:4 mask survived distillation
+    assert not (tmp_path / "dist.work").exists()
+    assert main(["prune", str(tiny_model_dir), "--out", str(tmp_path / "x")]) == 2
+    assert "nothing to prune" in capsys.readouterr().err
