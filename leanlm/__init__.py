@@ -8,6 +8,7 @@ Public API::
     leanlm.save(model, tok, "out/smollm2-w4")         # atomic; load() restores it quantized
     text, gen = leanlm.generate(model, tok, "The capital of France", max_new_tokens=32)
     leanlm.qad(student, teacher, "nvfp4", train_ids)    # or leanlm.qat(model, recipe, train_ids)
+    small = leanlm.prune(model, calib_ids, params="70%") # then leanlm.distill(small, model, train_ids)
 """
 
 from .data import calibration_batches, documents, eval_tokens, split_text
@@ -19,13 +20,15 @@ from .models import BUILTIN_MODELS, DEFAULT_MODEL, convert_gguf, list_models, lo
 from .quant.api import freeze_model, quantize
 from .quant.formats import QuantSpec
 from .quant.recipes import PRESETS, Recipe, get_recipe
-from .train import DistillConfig, TrainConfig, qad, qat
+from . import prune
+from .prune import sparsify
+from .train import DistillConfig, TrainConfig, distill, qad, qat
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BUILTIN_MODELS", "DEFAULT_MODEL", "DistillConfig", "Engine", "LeanLMError", "PRESETS", "QuantSpec", "Recipe",
-    "TrainConfig", "calibration_batches", "convert_gguf", "documents", "eval_tokens", "evaluate", "format_table",
+    "TrainConfig", "calibration_batches", "convert_gguf", "distill", "documents", "eval_tokens", "evaluate", "format_table",
     "freeze_model", "generate", "get_recipe", "list_models", "load", "load_results", "measure_speed", "model_size",
-    "perplexity", "prepare", "qad", "qat", "quantize", "save", "split_text", "write_report",
+    "perplexity", "prepare", "prune", "qad", "qat", "quantize", "save", "sparsify", "split_text", "write_report",
 ]

@@ -196,7 +196,7 @@ def cmd_train_quantized(args) -> None:
     data = training_sequences(tok, args.data, cfg, model=model)
     calib = calibration_batches(tok, args.calib, args.calib_samples, args.seq_len, model=model) if args.calib else None
     work = out.with_name(out.name + ".work")
-    kw = dict(calib=calib, config=cfg, learn_scales=args.learn_scales, work=work)
+    kw = dict(calib=calib, config=cfg, learn_scales=args.learn_scales, work=work, eval_data=_held_out(args, tok))
     t = time.perf_counter()
     if args.command == "qat":
         qat(model, recipe, data, **kw)
@@ -213,7 +213,18 @@ def _train_config(args):
 
     return TrainConfig(tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
                        micro_batch=args.micro_batch, epochs=args.epochs, lr=args.lr, bf16=not args.no_bf16,
-                       checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes, seed=args.seed)
+                       checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes, seed=args.seed,
+                       eval_every=args.eval_every)
+
+
+def _held_out(args, tok):
+    """Held-out sequences for evaluation during training (from the evaluation split), or None."""
+    if not args.eval_every:
+        return None
+    from .data import eval_tokens
+
+    ids, _ = eval_tokens(tok, args.eval_data, 16 * args.seq_len)
+    return ids.reshape(16, args.seq_len)
 
 
 def _distill_config(args):
@@ -313,7 +324,7 @@ def cmd_distill(args) -> None:
     data = training_sequences(tok, args.data, cfg, model=student)
     work = out.with_name(out.name + ".work")
     t = time.perf_counter()
-    distill(student, teacher, data, cfg, dcfg, work)
+    distill(student, teacher, data, cfg, dcfg, work, eval_data=_held_out(args, tok))
     _finish_training(args, student, tok, out, work, f"distilled {args.model} from {args.teacher}", t, "distilled")
 
 
@@ -433,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--checkpoint-every", type=_positive, default=25, help="steps between checkpoints")
         s.add_argument("--max-minutes", type=float, default=None, help="stop early (checkpointed) after this long")
         s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--eval-every", type=int, default=0,
+                       help="steps between held-out loss evaluations during training (16 sequences of --eval-data)")
         s.add_argument("--eval-tokens", type=int, default=0, help="evaluate afterwards (writes OUT/eval.json)")
         s.add_argument("--eval-data", default="wiki")
         s.add_argument("--overwrite", action="store_true")

@@ -199,3 +199,17 @@ def test_cli_prune_sparsify_distill(tmp_path, tiny_model_dir, capsys):
     assert not (tmp_path / "dist.work").exists()
     assert main(["prune", str(tiny_model_dir), "--out", str(tmp_path / "x")]) == 2
     assert "nothing to prune" in capsys.readouterr().err
+
+
+def test_pruned_model_quantizes_and_drafts_for_its_teacher():
+    from leanlm.engine import Engine
+    from leanlm.speculative import ModelDrafter, speculative_generate
+
+    teacher = tiny_llama(layers=2)
+    small = prune(teacher, _ids(), ffn=64, layers=1)
+    leanlm.quantize(small, "w4a16_rtn_g64")
+    prompt = _ids(1, 8, seed=3)[0]
+    with Engine(teacher, max_len=64, compile=False) as eng:
+        plain = eng.generate(prompt, 20).tokens
+        out = speculative_generate(eng, ModelDrafter(small, 64, compile=False), prompt, 20, k=3)
+    assert out.tokens == plain  # the pruned, quantized draft never changes the teacher's output

@@ -194,3 +194,25 @@ def test_bad_training_input_is_a_clear_error():
         qad(model, model, "w8a16", _data(8), progress=False)
     with pytest.raises(leanlm.LeanLMError, match="temperature"):
         DistillConfig(temperature=0)
+
+
+def test_cli_qat_and_qad(tmp_path, tiny_model_dir, capsys):
+    from leanlm.cli import main
+
+    common = ["--tokens", "1024", "--seq-len", "64", "--batch-size", "4", "--micro-batch", "2", "--no-bf16",
+              "--eval-every", "2", "--eval-tokens", "256"]
+    assert main(["qat", str(tiny_model_dir), "--recipe", "w4a16_rtn_g64", "--out", str(tmp_path / "qat"),
+                 "--learn-scales", *common]) == 0
+    assert main(["qad", str(tiny_model_dir), "--recipe", "nvfp4", "--out", str(tmp_path / "qad"), "--topk", "8",
+                 *common]) == 0
+    out = capsys.readouterr().out
+    assert "QAT of" in out and "QAD of" in out
+    for name in ("qat", "qad"):
+        model, _ = leanlm.load(tmp_path / name)
+        assert all(q.frozen for q in model.modules() if isinstance(q, QuantLinear))
+        history = json.loads((tmp_path / name / "training.json").read_text())["history"]
+        assert any("eval_loss" in h for h in history)
+        assert (tmp_path / name / "eval.json").is_file()
+    assert not (tmp_path / "qat.work").exists()  # finished: checkpoint gone
+    assert (tmp_path / "qad.work" / "teacher_topk.safetensors").is_file()  # the cache stays for reruns
+    assert main(["qat", str(tiny_model_dir), "--recipe", "nope", "--out", str(tmp_path / "x")]) == 2

@@ -139,7 +139,10 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], data: torch.Tensor,
     if work is not None:
         work = Path(work)
         work.mkdir(parents=True, exist_ok=True)
-        _check_settings(work, {**(settings or {}), **asdict(cfg), "max_minutes": None, "world_size": world})
+        # Settings that change the result; when to stop, evaluate or checkpoint do not.
+        result_settings = {k: v for k, v in asdict(cfg).items() if k not in ("max_minutes", "eval_every",
+                                                                             "checkpoint_every")}
+        _check_settings(work, {**(settings or {}), **result_settings, "world_size": world})
         if has_checkpoint(work):
             state = load_checkpoint(work, params, opt)
             step, history = state["step"], state["history"]
@@ -178,7 +181,10 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], data: torch.Tensor,
             record["eval_loss"] = evaluate_loss(model, eval_data, loss_fn, cfg)
         history.append(record)
         elapsed = time.perf_counter() - t_start
-        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_seen / elapsed:.0f}")
+        shown = {"loss": f"{record['loss']:.4f}", "tok_s": f"{tokens_seen / elapsed:.0f}"}
+        if "eval_loss" in record:
+            shown["eval"] = f"{record['eval_loss']:.4f}"
+        bar.set_postfix(shown)
         bar.update(1)
         if on_step is not None:
             on_step(step, record)
