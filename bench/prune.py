@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from result_rows import ResultRows  # noqa: E402  (bench/ sits first on sys.path when run as a script)
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "work" / "prune"
@@ -58,12 +59,8 @@ def main() -> None:
 
     out = RESULTS / f"prune_{args.model}.json"
     settings = {k: v for k, v in vars(args).items() if k not in ("fresh", "variants", "sparsity")}
-    rows = []
-    if out.is_file() and not args.fresh:
-        before = json.loads(out.read_text())
-        if before.get("settings") == settings:
-            rows = before["rows"]
-    done = {(r["variant"], r["method"]) for r in rows}
+    results = ResultRows(out, settings, ("variant", "method"), args.fresh, model=args.model)
+    rows = results.rows
 
     teacher, tok = leanlm.load(args.model)
     cfg = TrainConfig(tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, micro_batch=4,
@@ -73,11 +70,6 @@ def main() -> None:
     ev_ids, ev_bytes = leanlm.eval_tokens(tok, "wiki", args.eval_tokens)
     dcfg = DistillConfig(topk=args.topk, cache=str(WORK / f"{args.model}_teacher_top{args.topk}.safetensors"))
     WORK.mkdir(parents=True, exist_ok=True)
-
-    def save_rows():
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model,
-                                   "settings": settings, "rows": rows}, indent=2) + "\n")
 
     def record(variant, method, model, seconds=0.0, extra=None):
         with torch.no_grad():
@@ -89,21 +81,19 @@ def main() -> None:
                "params": sum(p.numel() for p in model.parameters()),
                "shape": {"layers": c.num_hidden_layers, "hidden": c.hidden_size, "ffn": c.intermediate_size,
                          "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads}, **(extra or {})}
-        rows.append(row)
-        done.add((variant, method))
-        save_rows()
+        results.add(row)
         print(f"{variant:<8} {method:<16} ppl {row['perplexity']:.3f}  ({row['seconds']:.0f}s)", flush=True)
 
-    if ("-", "teacher") not in done:
+    if not results.done("-", "teacher"):
         record("-", "teacher", teacher)
     pruned = {}
     for variant in args.variants:
         t = time.perf_counter()
         pruned[variant] = prune(teacher, calib, params=args.params, axis=variant)
         prune_s = time.perf_counter() - t
-        if (variant, "pruned") not in done:
+        if not results.done(variant, "pruned"):
             record(variant, "pruned", pruned[variant], prune_s)
-        if (variant, "pruned+distilled") not in done:
+        if not results.done(variant, "pruned+distilled"):
             student = copy.deepcopy(pruned[variant])
             t = time.perf_counter()
             distill(student, teacher, data, cfg, dcfg, work=WORK / f"{args.model}_{variant}_distill")
@@ -113,7 +103,7 @@ def main() -> None:
             from leanlm.train.checkpoint import remove_checkpoint
 
             remove_checkpoint(WORK / f"{args.model}_{variant}_distill")
-        if (variant, "scratch") not in done:
+        if not results.done(variant, "scratch"):
             torch.manual_seed(0)
             scratch = type(teacher)(copy.deepcopy(pruned[variant].config)).eval()
             scfg = copy.deepcopy(cfg)
@@ -130,7 +120,7 @@ def main() -> None:
     for pattern in args.sparsity:
         for method in ("magnitude", "wanda", "sparsegpt"):
             key = (f"sparse {pattern}", method)
-            if key in done:
+            if results.done(*key):
                 continue
             m = copy.deepcopy(teacher)
             t = time.perf_counter()
@@ -144,7 +134,7 @@ def main() -> None:
     for r in rows:
         if r["variant"] in speeds:
             r["decode_tokens_per_s"] = speeds[r["variant"]]
-    save_rows()
+    results.save()
 
     t_row = next(r for r in rows if r["method"] == "teacher")
     base_speed = speeds["-"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from dataclasses import asdict
@@ -25,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from result_rows import ResultRows  # noqa: E402  (bench/ sits first on sys.path when run as a script)
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "work" / "qat"
@@ -61,18 +62,14 @@ def main() -> None:
     torch.manual_seed(0)
     out = Path(args.out) if args.out else RESULTS / f"qat_{args.model}.json"
     settings = {k: v for k, v in vars(args).items() if k not in ("fresh", "recipes", "methods", "float_ft", "out")}
-    rows = []
-    if out.is_file() and not args.fresh:
-        before = json.loads(out.read_text())
-        if before.get("settings") == settings:
-            rows = before["rows"]
-    done = {(r["recipe"], r["method"]) for r in rows}
 
     base, tok = leanlm.load(args.model)
     cfg = TrainConfig(tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
                       micro_batch=args.micro_batch, lr=args.lr, checkpoint_every=10)
     data = training_sequences(tok, args.data, cfg, model=base)
     ev_ids, ev_bytes = leanlm.eval_tokens(tok, "wiki", args.eval_tokens)
+    results = ResultRows(out, settings, ("recipe", "method"), args.fresh, model=args.model, train_config=asdict(cfg))
+    rows = results.rows
     dcfg = DistillConfig(temperature=args.temperature, topk=args.topk, ce_weight=args.ce_weight,
                          cache=str(WORK / f"{args.model}_teacher_top{args.topk}.safetensors") if args.topk else None)
 
@@ -82,16 +79,12 @@ def main() -> None:
         row = {"recipe": recipe, "method": method, "perplexity": r["perplexity"], "bits_per_byte": r["bits_per_byte"],
                "seconds": round(seconds, 1), "train_tokens": 0 if method in ("float", "ptq") else int(data.numel()),
                **(extra or {})}
-        rows.append(row)
-        done.add((recipe, method))
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model, "settings": settings,
-                                   "train_config": asdict(cfg), "rows": rows}, indent=2) + "\n")
+        results.add(row)
         print(f"{recipe:<16} {method:<6} ppl {row['perplexity']:.3f}  ({row['seconds']:.0f}s)", flush=True)
 
-    if ("-", "float") not in done:
+    if not results.done("-", "float"):
         record("-", "float", base, 0.0)
-    if args.float_ft and ("-", "float_ft") not in done:
+    if args.float_ft and not results.done("-", "float_ft"):
         from leanlm.train import train, trainable_parameters
         from leanlm.train.distill import ce_loss_fn
 
@@ -100,13 +93,13 @@ def main() -> None:
         hist = train(m, trainable_parameters(m), data, ce_loss_fn, cfg, desc="float fine-tune")
         record("-", "float_ft", m, time.perf_counter() - t, {"steps": hist[-1]["step"]})
     for recipe in args.recipes:
-        if (recipe, "ptq") not in done:
+        if not results.done(recipe, "ptq"):
             m = copy.deepcopy(base)
             t = time.perf_counter()
             leanlm.quantize(m, recipe, calib=data[:64], progress=False)
             record(recipe, "ptq", m, time.perf_counter() - t)
         for method in args.methods:
-            if (recipe, method) in done:
+            if results.done(recipe, method):
                 continue
             m = copy.deepcopy(base)
             work = WORK / f"{args.model}_{recipe}_{method}"

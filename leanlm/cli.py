@@ -69,7 +69,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_quantize(args) -> None:
-    from .data import calibration_batches, documents
+    from .data import documents
     from .eval import evaluate
     from .eval.report import format_table
     from .models import load, save
@@ -85,9 +85,7 @@ def cmd_quantize(args) -> None:
     if out.exists() and not args.overwrite:
         raise LeanLMError(f"output '{out}' already exists: choose another --out or pass --overwrite")
     model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
-    calib = None
-    if args.calib:
-        calib = calibration_batches(tok, args.calib, args.calib_samples, args.seq_len, model=model)
+    calib = _calib(args, tok, model) if args.calib else None
     t = time.perf_counter()
     quantize(model, recipe, calib=calib)
     seconds = time.perf_counter() - t
@@ -181,7 +179,7 @@ def cmd_speculate_train(args) -> None:
 
 def cmd_train_quantized(args) -> None:
     """`leanlm qat` and `leanlm qad`."""
-    from .data import calibration_batches, documents
+    from .data import documents
     from .models import load
     from .quant.recipes import get_recipe
     from .train import qad, qat, training_sequences
@@ -194,7 +192,7 @@ def cmd_train_quantized(args) -> None:
     distill = _distill_config(args) if args.command == "qad" else None
     model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
     data = training_sequences(tok, args.data, cfg, model=model)
-    calib = calibration_batches(tok, args.calib, args.calib_samples, args.seq_len, model=model) if args.calib else None
+    calib = _calib(args, tok, model) if args.calib else None
     work = out.with_name(out.name + ".work")
     kw = dict(calib=calib, config=cfg, learn_scales=args.learn_scales, work=work, eval_data=_held_out(args, tok))
     t = time.perf_counter()
@@ -473,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
             distill_args(s)
         s.set_defaults(fn=cmd_train_quantized)
 
+    def calib_args(s, what: str):
+        s.add_argument("--calib", default="wiki", help=f"{what}: wiki, news, pydoc or a file (default wiki)")
+        s.add_argument("--calib-samples", type=_positive, default=64)
+        s.add_argument("--seq-len", type=_positive, default=256)
+        s.add_argument("--overwrite", action="store_true")
+
     s = sub.add_parser("prune", help="structured pruning (heads, MLP neurons, hidden channels, layers) to a smaller model")
     model_args(s)
     s.add_argument("--out", required=True, help="the pruned model: a plain HF folder")
@@ -486,10 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layers", type=_positive, help="decoder layers to keep")
     s.add_argument("--layer-metric", choices=("block", "loss"), default="block",
                    help="layer importance: block (1 - cos of input and output) or loss (calibration loss when skipped)")
-    s.add_argument("--calib", default="wiki", help="importance data: wiki, news, pydoc or a file (default wiki)")
-    s.add_argument("--calib-samples", type=_positive, default=64)
-    s.add_argument("--seq-len", type=_positive, default=256)
-    s.add_argument("--overwrite", action="store_true")
+    calib_args(s, "importance data")
     s.set_defaults(fn=cmd_prune)
 
     s = sub.add_parser("sparsify", help="unstructured or 2:4 sparsity by magnitude, Wanda or SparseGPT")
@@ -497,10 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="wanda")
     s.add_argument("--sparsity", default="2:4", help="2:4, or a fraction of each row like 0.5 (default 2:4)")
-    s.add_argument("--calib", default="wiki")
-    s.add_argument("--calib-samples", type=_positive, default=64)
-    s.add_argument("--seq-len", type=_positive, default=256)
-    s.add_argument("--overwrite", action="store_true")
+    calib_args(s, "calibration data for wanda and sparsegpt")
     s.set_defaults(fn=cmd_sparsify)
 
     s = sub.add_parser("distill", help="knowledge distillation of a (pruned, sparse) student from a teacher (resumable)")
