@@ -95,6 +95,38 @@ def run_hf(args) -> dict:
             "ttft_s": first, "weight_bytes_per_token": weight_bytes_per_token(model), "tokens": tokens}
 
 
+def bench_parser(doc: str, variants, prompt_tokens: int) -> argparse.ArgumentParser:
+    """The options decode benchmarks share: models, variants, token counts, repeats."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    ap.add_argument("--variants", default=",".join(variants))
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=prompt_tokens)
+    ap.add_argument("--repeats", type=int, default=2)
+    return ap
+
+
+def add_child_args(ap: argparse.ArgumentParser) -> None:
+    """The hidden flags of a script's child mode (one variant per process)."""
+    for flag in ("--one", "--model", "--result", "--prompt-ids"):
+        ap.add_argument(flag, help=argparse.SUPPRESS)
+
+
+def chosen_variants(ap: argparse.ArgumentParser, spec: str, known) -> list[str]:
+    variants = [v for v in spec.split(",") if v]
+    unknown = sorted(set(variants) - set(known))
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}: choose from {sorted(known)}")
+    return variants
+
+
+def report_header(args) -> dict:
+    import torch
+
+    return {"new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "threads": torch.get_num_threads(),
+            "measured": time.strftime("%Y-%m-%d %H:%M:%S"), "models": {}}
+
+
 def child(args) -> int:
     import torch
 
@@ -119,41 +151,25 @@ def spawn(cmd: list[str], label: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--prompt-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap = bench_parser(__doc__, VARIANTS, prompt_tokens=32)
     ap.add_argument("--no-peers", action="store_true", help="skip torchao")
     ap.add_argument("--python-wrapper", action="store_true",
                     help="compile without inductor's C++ wrapper (faster cold compile, slower decode)")
     ap.add_argument("--out", default=str(RESULTS / "decode.json"))
-    # child mode
-    ap.add_argument("--one", help=argparse.SUPPRESS)
-    ap.add_argument("--model", help=argparse.SUPPRESS)
+    add_child_args(ap)
     ap.add_argument("--hf", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--result", help=argparse.SUPPRESS)
-    ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         return child(args)
 
-    import torch
+    from transformers import AutoTokenizer
 
-    from leanlm.atomic import atomic_write_text
     from leanlm.eval.bandwidth import measure_read_bandwidth
     from leanlm.models import prepare
 
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        ap.error(f"unknown variant(s) {unknown}: choose from {sorted(VARIANTS)}")
-    from transformers import AutoTokenizer
-
+    variants = chosen_variants(ap, args.variants, VARIANTS)
     torchao_py = PEERS / ".venv-torchao" / "bin" / "python"
-    report = {"new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "threads": torch.get_num_threads(),
-              "measured": time.strftime("%Y-%m-%d %H:%M:%S"), "models": {}}
+    report = report_header(args)
     for name in [m for m in args.models.split(",") if m]:
         folder = str(prepare(name))
         ids = prompt_ids(AutoTokenizer.from_pretrained(folder), args.prompt_tokens)
@@ -198,15 +214,25 @@ def main(argv: list[str] | None = None) -> int:
                     r["vs_generate_float32"] = r["decode_tokens_per_s"] / hf32
         report["models"][name] = {"read_bandwidth_bytes_per_s": bws, "rows": rows}
         print(format_table(name, bws, rows), flush=True)
+    return write_report(args.out, report)
+
+
+def write_report(path: str, report: dict) -> int:
+    from leanlm.atomic import atomic_write_text
+
     RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+    atomic_write_text(path, json.dumps(report, indent=1))
+    print(f"wrote {path}")
     return 0
 
 
+def table_title(name: str, bws: list[float], note: str = "") -> str:
+    return (f"\n{name}: read bandwidth {min(bws) / 1e9:.1f}..{max(bws) / 1e9:.1f} GB/s over {len(bws)} readings "
+            f"(the bound uses the best){note}")
+
+
 def format_table(name: str, bws: list[float], rows: list[dict]) -> str:
-    lines = [f"\n{name}: read bandwidth {min(bws) / 1e9:.1f}..{max(bws) / 1e9:.1f} GB/s over {len(bws)} readings "
-             "(the bound uses the best)",
+    lines = [table_title(name, bws),
              f"{'toolkit':<22} {'variant':<10} {'MB/token':>9} {'decode tok/s':>13} {'bound':>7} {'% bound':>8} "
              f"{'x generate fp32':>16} {'TTFT ms':>8} {'compile s':>10}"]
     for r in rows:

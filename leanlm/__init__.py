@@ -9,6 +9,7 @@ Public API::
     text, gen = leanlm.generate(model, tok, "The capital of France", max_new_tokens=32)
     leanlm.qad(student, teacher, "nvfp4", train_ids)    # or leanlm.qat(model, recipe, train_ids)
     small = leanlm.prune(model, calib_ids, params="70%") # then leanlm.distill(small, model, train_ids)
+    leanlm.export("out/smollm2-w4", "gguf", "out/smollm2-gguf")  # or "compressed-tensors", "modelopt"
 """
 
 from .data import calibration_batches, documents, eval_tokens, split_text
@@ -17,10 +18,11 @@ from .errors import LeanLMError
 from .eval import evaluate, measure_speed, model_size, perplexity
 from .eval.report import format_table, load_results, write_report
 from .models import BUILTIN_MODELS, DEFAULT_MODEL, convert_gguf, list_models, load, prepare, save
-from .quant.api import freeze_model, quantize
+from .quant.api import freeze_model, pack_model, quantize
 from .quant.formats import QuantSpec
 from .quant.recipes import PRESETS, Recipe, get_recipe
-from . import prune
+from . import export, prune
+from .export import verify_export
 from .prune import sparsify
 from .train import DistillConfig, TrainConfig, distill, qad, qat
 
@@ -28,7 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BUILTIN_MODELS", "DEFAULT_MODEL", "DistillConfig", "Engine", "LeanLMError", "PRESETS", "QuantSpec", "Recipe",
-    "TrainConfig", "calibration_batches", "convert_gguf", "distill", "documents", "eval_tokens", "evaluate", "format_table",
+    "TrainConfig", "calibration_batches", "convert_gguf", "distill", "documents", "eval_tokens", "evaluate", "export", "format_table",
     "freeze_model", "generate", "get_recipe", "list_models", "load", "load_results", "measure_speed", "model_size",
-    "perplexity", "prepare", "prune", "qad", "qat", "quantize", "save", "sparsify", "split_text", "write_report",
+    "pack_model", "perplexity", "prepare", "prune", "qad", "qat", "quantize", "save", "sparsify", "split_text", "verify_export", "write_report",
 ]

@@ -133,9 +133,9 @@ def cmd_generate(args) -> None:
     from .eval.bandwidth import measure_read_bandwidth, weight_bytes_per_token
     from .models import load
 
-    model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
-    if args.dtype == "bf16":
-        model = model.to(torch.bfloat16)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model, tok = load(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    model = model.to(dtype)  # a float folder saved in another dtype
     _, gen = generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, seed=args.seed, chat=args.chat, compile=not args.no_compile,
                       stream=lambda s: print(s, end="", flush=True), draft=args.draft, draft_tokens=args.draft_tokens,
@@ -151,6 +151,20 @@ def cmd_generate(args) -> None:
         bound = measure_read_bandwidth() / weight_bytes_per_token(model)
         stats += f"; bandwidth bound {bound:.0f} tokens/s ({100 * gen.decode_tokens_per_s / bound:.0f}% of it)"
     print(stats, file=sys.stderr)
+
+
+def cmd_export(args) -> None:
+    from .export import export
+
+    options = {"qtype": args.qtype} if args.qtype else {}
+    if args.qtype and args.format != "gguf":
+        raise LeanLMError(f"--qtype applies to --format gguf only (got --format {args.format}): drop --qtype")
+    out = export(args.model, args.format, args.out, overwrite=args.overwrite,
+                 trust_remote_code=args.trust_remote_code, **options)
+    manifest = json.loads((out / "leanlm_export.json").read_text())
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    print(f"exported {args.format} to {out} ({size / 2**20:.1f} MiB, validated: "
+          f"{json.dumps(manifest['validation'], default=str)})")
 
 
 def cmd_speculate_train(args) -> None:
@@ -429,6 +443,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--draft-tokens", type=_positive, default=4, help="tokens drafted per target step (default 4)")
     s.add_argument("--tree", action="store_true", help="draft a tree of --draft-tokens tokens (greedy; ngram, EAGLE-3)")
     s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("export", help="export a model (quantized or float) for serving runtimes, validated")
+    model_args(s)
+    s.add_argument("--format", required=True, choices=["compressed-tensors", "modelopt", "gguf"],
+                   help="compressed-tensors (vLLM, transformers), modelopt (TensorRT-LLM, vLLM), gguf (llama.cpp)")
+    s.add_argument("--out", required=True, help="output folder (written atomically)")
+    s.add_argument("--qtype", default=None, help="gguf tensor type: Q8_0, Q4_0, F16, F32 (default from the model)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_export)
 
     def training_args(s, lr: float):
         s.add_argument("--data", default="wiki", help="training text: wiki, news, pydoc (calibration split) or a file")

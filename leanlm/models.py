@@ -195,6 +195,10 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         raise LeanLMError(f"'{s}' is a file, not a model folder: pass a folder holding config.json and *.safetensors")
     if not (path / "config.json").is_file():
         raise LeanLMError(f"folder '{s}' is not a model (no config.json): pass a HF model folder or a built-in name")
+    if (path / "leanlm_export.json").is_file():  # an export: refuse it if partial or corrupt
+        from .export import verify_export
+
+        verify_export(path)
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
@@ -207,11 +211,13 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 
 
 def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
-         trust_remote_code: bool = False):
+         trust_remote_code: bool = False, packed: bool = True):
     """Load a model and its tokenizer: a built-in name, a HF folder, or a folder saved by leanlm.
 
-    Folders written by `leanlm.save` after quantization come back quantized, without recalibrating.
-    Returns ``(model, tokenizer)`` with the model in eval mode.
+    Folders written by `leanlm.save` after quantization come back quantized, without recalibrating,
+    and (with `packed`) run from their codes: CPU int4/int8 kernels where the layout has one, never a
+    float copy of a quantized weight. The int4/int8 kernels compute in bf16: ``dtype=torch.bfloat16``
+    is the fastest and smallest. Returns ``(model, tokenizer)`` with the model in eval mode.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -224,6 +230,10 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = t
         from .quant.state import load_quantized
 
         model = load_quantized(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        if packed:
+            from .quant.api import pack_model
+
+            model.leanlm_kernels = pack_model(model)
     else:
         try:
             AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -107,3 +107,17 @@ def test_generate_chat_without_template_is_one_line_error(tiny_model_dir, capsys
     (tiny_model_dir / "chat_template.jinja").unlink(missing_ok=True)
     assert main(["generate", str(tiny_model_dir), "hi", "--chat", "--no-compile"]) == 2
     assert "no chat template" in _error_line(capsys)
+
+
+def test_export_every_format(tmp_path, tiny_model_dir, capsys):
+    q = tmp_path / "q"
+    assert main(["quantize", str(tiny_model_dir), "--recipe", "w4a16_rtn_g64", "--out", str(q)]) == 0
+    for fmt in ("compressed-tensors", "modelopt", "gguf"):
+        out = tmp_path / fmt
+        assert main(["export", str(q), "--format", fmt, "--out", str(out)]) == 0
+        assert json.loads((out / "leanlm_export.json").read_text())["format"] == fmt
+        assert "validated" in capsys.readouterr().out
+    assert main(["export", str(q), "--format", "modelopt", "--qtype", "Q8_0", "--out", str(tmp_path / "x")]) == 2
+    assert "--qtype applies to --format gguf only" in capsys.readouterr().err
+    assert main(["export", str(q), "--format", "gguf", "--out", str(tmp_path / "gguf")]) == 2  # exists
+    assert "already exists" in capsys.readouterr().err

@@ -111,15 +111,17 @@ def test_every_packed_format_decodes_like_its_eager_model(recipe):
     last = eng.prefill(prompt)
     rest = eng.forward(torch.tensor([1, 2, 3]))  # few rows: the packed decode path
     got = torch.cat([last[None], rest])
-    # The INT4 kernel takes bf16 activations; 4-bit activation grids turn last-bit differences
-    # (batched vs step-by-step attention) into whole steps.
-    tol = {"nvfp4": 0.1, "mxfp4": 0.1}.get(recipe, 0.05 if "w4a16" in recipe else 1e-3)
+    # The INT4 / INT8 weight-only kernels take bf16 activations; 4-bit activation grids turn last-bit
+    # differences (batched vs step-by-step attention) into whole steps.
+    tol = {"nvfp4": 0.1, "mxfp4": 0.1}.get(recipe, 0.05 if recipe in ("w4a16_rtn_g64", "w4a16_rtn", "w8a16") else 1e-3)
     torch.testing.assert_close(got, ref.float(), atol=tol * ref.abs().max().item(), rtol=0)
-    assert weight_bytes_per_token(model) == before  # no float copy of any weight appeared
+    assert weight_bytes_per_token(model) <= 1.15 * before  # no float copy of a weight (+ the int4 kernel's bf16 scales)
 
 
 def test_compiled_packed_int4_and_int8_decode():
-    for recipe in ("w4a16_rtn_g64", "w8a16"):
+    w8a8 = {"name": "w8a8", "rules": [{"pattern": "*", "weight": "int8",
+                                       "input": {"format": "int8", "block_size": -1, "dynamic": True}}]}
+    for recipe in ("w4a16_rtn_g64", "w8a16", w8a8):
         model = tiny_llama(vocab=256, layers=2)
         leanlm.quantize(model, recipe, progress=False)
         prompt = torch.tensor([4, 8, 15, 16])

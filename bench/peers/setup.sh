@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create one venv per peer toolkit under bench/peers/.venv-<peer> (idempotent; a stamp marks a finished one).
-#   bench/peers/setup.sh [modelopt|llmcompressor|torchao|all]
+#   bench/peers/setup.sh [modelopt|llmcompressor|torchao|llamacpp|all]
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -16,6 +16,8 @@ peer_spec() {
         llmcompressor) echo "llmcompressor==0.14.0.1" ;;
         # torchao brings no transformers of its own; bench/decode.py runs HF models through it.
         torchao) echo "torchao==0.18.0 transformers==5.17.0 accelerate" ;;
+        # No wheel for this platform: pip builds llama.cpp from the sdist (cmake + a C++ compiler, ~10 min).
+        llamacpp) echo "llama-cpp-python==0.3.36" ;;
         *) return 1 ;;
     esac
 }
@@ -49,8 +51,8 @@ setup_peer() {
 target="${1:-all}"
 case "$target" in
     all) peers=(modelopt llmcompressor torchao) ;;
-    modelopt|llmcompressor|torchao) peers=("$target") ;;
-    *) echo "usage: $0 [modelopt|llmcompressor|torchao|all]" >&2; exit 2 ;;
+    modelopt|llmcompressor|torchao|llamacpp) peers=("$target") ;;
+    *) echo "usage: $0 [modelopt|llmcompressor|torchao|llamacpp|all]" >&2; exit 2 ;;
 esac
 for p in "${peers[@]}"; do setup_peer "$p"; done
 echo "peer venvs ready: ${peers[*]}"

@@ -7,12 +7,12 @@ torchao's own examples do. Prints nothing; writes one JSON result (bench/decode.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
+from peer_args import decode_args
 
 
 def stored_bytes(model) -> int:
@@ -36,17 +36,13 @@ def stored_bytes(model) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--variant", required=True, choices=["int8", "int4_g64", "int4_g128"])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--prompt-ids", required=True)
-    ap.add_argument("--result", required=True)
-    args = ap.parse_args()
+    args = decode_args("--model", ["int8", "int4_g64", "int4_g128"])
 
+    import psutil
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
     from transformers import AutoModelForCausalLM
+
+    rss_base = psutil.Process().memory_info().rss
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
@@ -57,11 +53,14 @@ def main() -> int:
 
         config = PrototypeInt4WeightOnlyConfig(group_size=int(args.variant.split("_g")[1]))
     quantize_(model, config)  # linear layers of the decoder; lm_head too, as torchao's default filter does
+    ids = torch.tensor(json.loads(args.prompt_ids))[None]
+    with torch.inference_mode():
+        model(ids)  # every weight touched, before compiling
+    resident = psutil.Process().memory_info().rss - rss_base
     # generate() calls the forward with a prefill shape and a decode shape (and Gemma-3 with
     # per-layer-type masks): allow the recompiles rather than failing on the default limit.
     torch._dynamo.config.cache_size_limit = 64
     model.forward = torch.compile(model.forward, dynamic=False)
-    ids = torch.tensor(json.loads(args.prompt_ids))[None]
     n = args.new_tokens
 
     def gen(k):
@@ -77,7 +76,9 @@ def main() -> int:
     first = min(gen(1)[0] for _ in range(args.repeats))
     full, tokens = min(gen(n) for _ in range(args.repeats))
     out = {"toolkit": "torchao", "variant": args.variant, "decode_tokens_per_s": (n - 1) / (full - first),
-           "ttft_s": first, "weight_bytes_per_token": stored_bytes(model), "warmup_s": warm, "tokens": tokens}
+           "ttft_s": first, "weight_bytes_per_token": stored_bytes(model), "warmup_s": warm, "tokens": tokens,
+           "resident_bytes": resident, "rss_after_generate_bytes": psutil.Process().memory_info().rss - rss_base,
+           "prefill_tokens_per_s": ids.shape[1] / first}
     Path(args.result).write_text(json.dumps(out))
     return 0
 

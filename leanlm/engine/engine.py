@@ -115,9 +115,9 @@ class Engine:
                 c._attn_implementation = "eager"
                 self._restore_attn.append(c)
         self._fused = use_fused_linears(model)
-        self._quant_linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        self._quant_linears = [m for m in model.modules() if isinstance(m, QuantLinear) and not m.packed]
         for m in self._quant_linears:  # decode from the codes; a float copy would double memory
-            m.prepare_decode()
+            m.pack()
         self.compile = compile
         if compile:  # multi-token steps (verifying drafts) use a native kernel, built once here
             from ..native import rows_linear_available
@@ -150,7 +150,7 @@ class Engine:
         for m in self._fused:
             m.__class__ = nn.Linear
         for m in self._quant_linears:
-            m.release_decode()
+            m.unpack()
         self._restore_attn, self._fused, self._quant_linears = [], [], []
         self.cache = RollbackCache(self.num_layers, self.max_len)
         self._compiled = None

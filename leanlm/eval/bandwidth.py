@@ -32,7 +32,9 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = emb is not None and out is not None and getattr(out, "weight", None) is emb.weight
     skip = set() if emb is None or tied else {id(emb.weight)}
-    for t in list(model.parameters()) + list(model.buffers()):
+    from .size import held_tensors
+
+    for t in held_tensors(model):
         key = t.untyped_storage().data_ptr()
         if key in seen:
             continue

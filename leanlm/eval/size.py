@@ -21,15 +21,35 @@ def parameter_count(model: nn.Module) -> int:
     return total
 
 
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the state dict as stored (codes and scales for quantized layers; tied tensors once)."""
+def _unique_bytes(tensors) -> int:
     seen, total = set(), 0
-    for t in model.state_dict().values():
+    for t in tensors:
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.nbytes)
         if key not in seen:
             seen.add(key)
             total += t.nbytes
     return total
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the state dict as stored (codes and scales for quantized layers; tied tensors once)."""
+    return _unique_bytes(model.state_dict().values())
+
+
+def held_tensors(model: nn.Module) -> list:
+    """Every tensor the model holds to run: parameters, buffers, and packed-kernel layouts."""
+    import torch
+
+    from ..quant.linear import QuantLinear
+
+    extra = [t for m in model.modules() if isinstance(m, QuantLinear) and m._kernel is not None
+             for t in m._kernel[1:] if isinstance(t, torch.Tensor)]
+    return [*model.parameters(), *model.buffers(), *extra]
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of memory the model's tensors take (shared storage counted once)."""
+    return _unique_bytes(held_tensors(model))
 
 
 def resident_bytes() -> int:

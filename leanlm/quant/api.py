@@ -94,3 +94,30 @@ def freeze_model(model: nn.Module) -> nn.Module:
     for q in layers:
         q.freeze()
     return model
+
+
+def pack_model(model: nn.Module) -> dict[str, int]:
+    """Make every frozen quantized layer run from its codes (packed kernels, no float copies).
+
+    Returns how many layers use each path: ``int4`` / ``int8`` / ``w8a8`` kernels, ``dequant`` (FP8,
+    NVFP4, MX and layouts without a kernel: dequantized inside each forward, fused when compiled).
+    """
+    counts: dict[str, int] = {}
+    for q in model.modules():
+        if isinstance(q, QuantLinear) and q.frozen:
+            kind = q.pack() or "dequant"
+            counts[kind] = counts.get(kind, 0) + 1
+    _release_free_memory()
+    return counts
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps the many per-layer temporaries of packing
+    otherwise, and the process stays as large as the float model it never loaded)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

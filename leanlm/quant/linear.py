@@ -20,10 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LeanLMError
-from ..kernels import few_rows, fused_rows, int4_kernel_fits, int4_linear, linear, pack_int4
+from ..kernels import (few_rows, fused_rows, int4_kernel_fits, int4_linear, int8_kernel_fits, int8_linear, linear,
+                       pack_int4, unpack_int4, w8a8_linear)
 from .formats import (QParams, QuantSpec, compute_qparams, dequantize_blocks, effective_scale, fake_quantize,
                       fake_quantize_lsq, quantize_blocks)
-from .packing import decode_pairs, decode_qparams, decode_values, encode_qparams, encode_values
+from .packing import (decode_pairs, decode_qparams, decode_values, encode_qparams, encode_values, pack_nibbles,
+                      unpack_nibbles)
 
 # Buffers whose shapes are only known after calibration; restored from the saved file as they are.
 CALIBRATED_BUFFERS = ("smooth", "input_amax", "output_amax")
@@ -47,7 +49,8 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, None)
         self._dequant_cache: torch.Tensor | None = None
         self.cache_dequantized = True
-        self._int4_kernel = None  # (packed, scales_zeros, group) once `prepare_decode` built it
+        self._kernel: tuple | None = None  # (kind, tensors...) once `pack` chose a packed kernel
+        self.packed = False  # `pack` was called: no float copy of the weight is ever kept
         self.bypass = False  # plain float forward (capturing calibration inputs and statistics)
         self.observers: dict | None = None  # {"input"/"output": RangeObserver} while calibrating ranges
 
@@ -131,9 +134,17 @@ class QuantLinear(nn.Module):
         names = ("scale", "zero", "global_scale")
         return decode_qparams({k: self._buffers.get(f"weight_{k}") for k in names}, self.weight_spec)
 
+    def codes(self) -> torch.Tensor:
+        """The stored codes (leanlm's layout); a packed INT4 layer keeps only the kernel's layout and
+        rebuilds them from it on demand (saving, exporting, unpacking)."""
+        if self._buffers["weight_codes"] is not None:
+            return self.weight_codes
+        packed = unpack_int4(self._kernel[1])  # unsigned, [N, G * g]
+        return pack_nibbles(packed ^ 8 if self.weight_spec.symmetric else packed)
+
     def _dequantize_frozen(self) -> torch.Tensor:
         spec = self.weight_spec
-        q = decode_values(self.weight_codes, spec, self._blocked_shape())
+        q = decode_values(self.codes(), spec, self._blocked_shape())
         w = dequantize_blocks(q, spec, self._frozen_qparams(), torch.Size((self.out_features, self.in_features)))
         return w.to(getattr(self, "_weight_dtype", torch.float32))
 
@@ -151,12 +162,12 @@ class QuantLinear(nn.Module):
         z = None if qp.zero is None else qp.zero.reshape(s.shape)
         xb = torch.nn.functional.pad(x.float(), (0, groups * b - k)).reshape(*x.shape[:-1], 1, groups, b)
         if spec.element.bits <= 4:
-            lo, hi = decode_pairs(self.weight_codes, spec, (n, groups, b // 2))
+            lo, hi = decode_pairs(self.codes(), spec, (n, groups, b // 2))
             if z is not None:
                 lo, hi = lo - z, hi - z
             y = ((lo * xb[..., 0::2] + hi * xb[..., 1::2]) * s).sum((-1, -2))
         else:
-            q = decode_values(self.weight_codes, spec, torch.Size((n, groups, b)))
+            q = decode_values(self.codes(), spec, torch.Size((n, groups, b)))
             if z is not None:
                 q = q - z
             y = (q * xb * s).sum((-1, -2))
@@ -164,42 +175,94 @@ class QuantLinear(nn.Module):
             y = y + self.bias.float()
         return y.to(x.dtype)
 
-    def prepare_decode(self) -> bool:
-        """Decode from the codes from now on (no float copy); for INT4 groups, also build PyTorch's
-        CPU int4 kernel layout (same size as the codes). Returns True if the int4 kernel is used."""
-        self.cache_dequantized = False
-        self._dequant_cache = None
-        spec = self.weight_spec
-        if not (self.frozen and spec.format == "int4" and spec.block_size > 0
-                and int4_kernel_fits(self.out_features, spec.block_size)):
-            return False
-        shape = self._blocked_shape()
-        q = decode_values(self.weight_codes, spec, shape)  # [N, G, g], partial group zero-padded
-        qp = self._frozen_qparams()
-        s = effective_scale(qp).reshape(shape[0], shape[1])
-        if spec.symmetric:
-            zero = torch.zeros_like(s)
-            q = q + 8
-        else:  # (q - z) * s == (q - 8) * s + (8 - z) * s
-            zero = (8 - qp.zero.reshape(s.shape)) * s
-        packed, sz = pack_int4(q.reshape(shape[0], -1), s, zero)
-        self._int4_kernel = (packed, sz, spec.block_size)
-        return True
+    def pack(self) -> str | None:
+        """Run from the stored codes from now on, never keeping a float copy of the weight.
 
-    def release_decode(self) -> None:
-        """Undo `prepare_decode`: eager forwards cache the dequantized weight again."""
-        self.cache_dequantized = True
-        self._int4_kernel = None
+        Picks PyTorch's CPU kernel where the layout has one: ``int4`` (groups, tinygemm layout, which
+        then holds the codes: one copy), ``int8`` (per-channel weight-only) or ``w8a8`` (per-channel int8 weights,
+        int8 activations per tensor or per token). Other formats dequantize inside each forward (inside
+        `torch.compile` that fuses with the product). Returns the kernel used, or None.
+        """
+        if self.packed and self._kernel is not None:  # already packed (its codes live in the kernel)
+            return self._kernel[0]
+        self.cache_dequantized, self._dequant_cache, self._kernel, self.packed = False, None, None, True
+        spec, n, k = self.weight_spec, self.out_features, self.in_features
+        if not self.frozen or self.weight_codes.device.type != "cpu":
+            return None  # CUDA: dequantized inside the (compiled) forward; these kernels are CPU layouts
+        if spec.format == "int4" and spec.block_size > 0 and int4_kernel_fits(n, spec.block_size):
+            shape = self._blocked_shape()  # [N, G, g], partial group zero-padded
+            # Unsigned 4-bit codes straight from the nibbles (no float copy): two's complement + 8 is a flip of bit 3.
+            q = unpack_nibbles(self.weight_codes, shape.numel()).reshape(shape[0], -1)
+            qp = self._frozen_qparams()
+            s = effective_scale(qp).reshape(shape[0], shape[1])
+            if spec.symmetric:
+                zero = torch.zeros_like(s)
+                q = q ^ 8
+            else:  # (q - z) * s == (q - 8) * s + (8 - z) * s
+                zero = (8 - qp.zero.reshape(s.shape)) * s
+            packed, sz = pack_int4(q, s, zero)
+            self._kernel = ("int4", packed, sz, spec.block_size)
+            self.weight_codes = None  # same bytes as the kernel's layout: keep one copy (see `codes`)
+        elif spec.format == "int8" and spec.block_size == -1 and spec.symmetric:
+            w = self.weight_codes.reshape(n, k)  # a view: the codes are already the kernel's layout
+            s = self.weight_scale.reshape(n).float()
+            inp = self.input_spec
+            if inp is None and int8_kernel_fits(k):
+                self._kernel = ("int8", w, torch.ones(n, dtype=torch.bfloat16), s)
+            elif inp is not None and inp.format == "int8" and inp.symmetric and inp.block_size in (0, -1):
+                self._kernel = ("w8a8", w.t(), s)
+        return None if self._kernel is None else self._kernel[0]
+
+    def unpack(self) -> None:
+        """Undo `pack`: eager forwards cache the dequantized weight again."""
+        if self.frozen:
+            self.weight_codes = self.codes()
+        self.cache_dequantized, self._kernel, self.packed = True, None, False
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.frozen and self._buffers["weight_codes"] is None:
+            destination[prefix + "weight_codes"] = self.codes()
+
+    def _kernel_for(self, x: torch.Tensor) -> str | None:
+        """The packed kernel this call uses. Inside torch.compile only the int4 kernel: inductor lowers
+        `_weight_int8pack_mm` and `_int_mm` into its own loops, 1.5x slower than the fused reduction
+        for int8 weights, and a compiled W8A8 decode step with `_int_mm` produced wrong tokens on
+        SmolLM2 (bf16, torch 2.13); the engine test checks compiled == eager decoding for both."""
+        if self._kernel is None or self.observers is not None:
+            return None
+        if torch.compiler.is_compiling():
+            return "int4" if self._kernel[0] == "int4" and few_rows(x) else None
+        return self._kernel[0]
+
+    def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
+        kind, *t = self._kernel
+        if kind == "int4":
+            return int4_linear(x, *t, self.bias)
+        if kind == "int8":  # unit kernel scales, then the fp32 ones: bf16 scales would bias whole channels
+            w, ones, s = t
+            y = int8_linear(x, w, ones)
+            return (y.float() * s + (0 if self.bias is None else self.bias.float())).to(x.dtype)
+        w_t, s = t
+        spec = self.input_spec
+        qp = compute_qparams(x, spec, amax=None if spec.dynamic else self.input_amax)
+        xq = quantize_blocks(x, spec, qp).reshape(x.shape).to(torch.int8)
+        return w8a8_linear(xq, effective_scale(qp).reshape(*x.shape[:-1], 1) if spec.block_size == -1
+                           else effective_scale(qp).reshape(()), w_t, s, self.bias, x.dtype)
 
     def allocate_frozen(self, dtype: torch.dtype = torch.float32) -> None:
         """Create empty frozen buffers of the right shapes so a saved state dict can be loaded into them."""
-        self.weight_qp = compute_qparams(torch.zeros(self.out_features, self.in_features), self.weight_spec)
+        zeros = torch.zeros(self.out_features, self.in_features, device=self.weight.device)  # meta: shapes only
+        self.weight_qp = compute_qparams(zeros, self.weight_spec)
         self.freeze()
         self._weight_dtype = dtype
 
     def _load_from_state_dict(self, *args, **kwargs):
+        if self.frozen and self._buffers["weight_codes"] is None:
+            self.weight_codes = self.codes()  # a packed layer takes codes again
         self._dequant_cache = None
-        self._int4_kernel = None
+        self._kernel = None
+        self.packed = False
         return super()._load_from_state_dict(*args, **kwargs)
 
     # -- forward --------------------------------------------------------------------------------
@@ -223,14 +286,17 @@ class QuantLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if self.smooth is not None:
             x = x / self.smooth.to(x.dtype)
-        x = self._quantize_activation(x, "input")
-        if self._int4_kernel is not None and self.frozen and few_rows(x):
-            packed, sz, group = self._int4_kernel
-            y = int4_linear(x, packed, sz, group, self.bias)
-        elif self.frozen and fused_rows(x) and (self.weight_spec.element.bits > 4 or self._block_len() % 2 == 0):
-            y = self._fused_frozen_product(x)
+        kind = self._kernel_for(x)
+        if kind == "w8a8":
+            y = self._kernel_product(x)  # quantizes the activation itself, to int8 codes
         else:
-            y = linear(x, self.quantized_weight(), self.bias)
+            x = self._quantize_activation(x, "input")
+            if kind is not None:
+                y = self._kernel_product(x)
+            elif self.frozen and fused_rows(x) and (self.weight_spec.element.bits > 4 or self._block_len() % 2 == 0):
+                y = self._fused_frozen_product(x)
+            else:
+                y = linear(x, self.quantized_weight(), self.bias)
         return self._quantize_activation(y, "output")
 
     def extra_repr(self) -> str:

@@ -59,8 +59,13 @@ def load_quantized(path: Path, dtype=torch.float32, trust_remote_code: bool = Fa
         recipe = recipe_from_dict(state["recipe"], state["recipe"].get("name", "saved")) if state.get("recipe") else None
     except (ValueError, KeyError, TypeError, LeanLMError) as e:
         raise LeanLMError(f"'{path / STATE_FILE}' is unreadable ({e}): re-run `leanlm quantize`") from None
+    from accelerate import init_empty_weights
+
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    # Parameters on the meta device: no float weight is ever allocated (a quantized model loads in
+    # about its own size); buffers (rotary tables) are built for real.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for name, specs in layer_specs.items():
         try:
             lin = model.get_submodule(name)
@@ -74,14 +79,32 @@ def load_quantized(path: Path, dtype=torch.float32, trust_remote_code: bool = Fa
         setattr(model.get_submodule(parent) if parent else model, attr, q)
     if recipe is not None and recipe.kv_cache is not None:
         attach_kv_quantizers(model, recipe.kv_cache)
+    _materialize(model)
+    out_emb = model.get_output_embeddings()
+    if getattr(config, "tie_word_embeddings", False) and type(out_emb) is nn.Linear:
+        out_emb.weight = model.get_input_embeddings().weight  # the meta build does not keep the tie
     _resize_buffers_to_file(model, path / "model.safetensors")
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if missing or unexpected:
-        raise LeanLMError(f"'{path}' does not match its quantization state (missing {missing[:2]}, "
-                          f"unexpected {unexpected[:2]}): re-run `leanlm quantize`")
+        raise LeanLMError(f"'{path}' does not match its quantization state (missing {sorted(missing)[:2]}, "
+                          f"unexpected {sorted(unexpected)[:2]}): re-run `leanlm quantize`")
     if recipe is not None:
         model.leanlm_recipe = recipe
     return model
+
+
+def _materialize(model: nn.Module) -> None:
+    """Give every meta tensor real (uninitialized) memory, keeping tied tensors tied; the file fills them."""
+    real: dict[int, torch.Tensor] = {}
+    for mod in model.modules():
+        for table in (mod._parameters, mod._buffers):
+            for key, t in table.items():
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in real:
+                    e = torch.empty(t.shape, dtype=t.dtype)
+                    real[id(t)] = nn.Parameter(e, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else e
+                table[key] = real[id(t)]
 
 
 def _resize_buffers_to_file(model: nn.Module, file: Path) -> None:
