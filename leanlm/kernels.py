@@ -136,11 +136,15 @@ def int8_kernel_fits(in_features: int) -> bool:
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ (weight * scale[:, None]).T`` for int8 ``weight [N, K]`` and per-row ``scale [N]`` (bf16)."""
+    """``x @ (weight * scale[:, None]).T`` for int8 ``weight [N, K]`` and fp32 per-row ``scale [N]``.
+
+    The kernel takes bf16 scales; rounding them would bias whole output channels, so it runs with unit
+    scales and the fp32 ones are applied to its output."""
     lead = x.shape[:-1]
-    y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), weight, scale)
+    ones = torch.ones(weight.shape[0], dtype=torch.bfloat16)
+    y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), weight, ones).float() * scale
     if bias is not None:
-        y = y + bias.to(y.dtype)
+        y = y + bias.float()
     return y.reshape(*lead, -1).to(x.dtype)
 
 

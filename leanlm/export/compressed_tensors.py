@@ -24,10 +24,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import LeanLMError
-from ..quant.formats import E2M1_GRID, e2m1_codes
-from ..quant.kv import KVQuantizer
-from ..quant.linear import QuantLinear
-from .parts import quantized_layers, weight_parts
+from ..quant.formats import E2M1_GRID
+from .parts import e2m1_bytes, float_tensors, quantized_layers, weight_parts
 
 CT_VERSION = "0.20.0"  # the compressed-tensors release whose layout this follows
 _FIX = ("export with --format modelopt, or quantize with a recipe without smoothing "
@@ -95,8 +93,7 @@ def _layer_tensors(name: str, q, fmt: str, k: int) -> dict[str, torch.Tensor]:
     scale = p.scale.reshape(1) if p.block == 0 else p.scale  # tensor: [1]; channel: [N, 1]; group: [N, G]
     t = {}
     if fmt in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
-        codes = e2m1_codes(p.values)
-        t["weight_packed"] = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        t["weight_packed"] = e2m1_bytes(p.values)
         t["weight_scale"] = p.stored_scale.contiguous()  # float8_e4m3fn, or E8M0 exponent bytes (bias 127)
         if p.global_scale is not None:
             t["weight_global_scale"] = (1.0 / p.global_scale.float()).reshape(1)
@@ -189,21 +186,6 @@ def _kv_scheme(model: nn.Module) -> tuple[dict | None, dict[str, torch.Tensor]]:
             "dynamic": False}, tensors
 
 
-def _float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The float state dict without leanlm's quantization buffers, and each shared (tied) tensor once."""
-    owners = {n for n, m in model.named_modules() if isinstance(m, (QuantLinear, KVQuantizer))}
-    out, seen = {}, set()
-    for key, t in model.state_dict().items():
-        owner, _, attr = key.rpartition(".")
-        if owner in owners and attr != "bias":
-            continue
-        if t.data_ptr() in seen:  # tied weights: transformers restores the tie on load
-            continue
-        seen.add(t.data_ptr())
-        out[key] = t.detach().contiguous()
-    return out
-
-
 def _plan(model: nn.Module):
     """Everything both the writer and the validator need: layers, their schemes, folded norms, KV."""
     layers = quantized_layers(model)
@@ -226,7 +208,7 @@ def write(model: nn.Module, tokenizer, out: Path, **options) -> dict:
         raise LeanLMError(f"the compressed-tensors export takes no option {sorted(options)[0]!r}: drop it")
     out = Path(out)
     layers, schemes, folded, (kv_args, kv_tensors) = _plan(model)
-    tensors = {**_float_tensors(model), **folded, **kv_tensors}
+    tensors = {**float_tensors(model), **folded, **kv_tensors}
     for n, q in layers.items():
         lt = _layer_tensors(n, q, schemes[n]["format"], q.in_features)
         if q.input_spec is not None and not q.input_spec.dynamic:
@@ -318,7 +300,7 @@ def validate(out: Path, model: nn.Module, tokenizer) -> dict:
     if qcfg.get("quant_method") != "compressed-tensors" or qcfg.get("quantization_status") != "compressed":
         raise LeanLMError(f"'{out / 'config.json'}' lacks a compressed-tensors quantization_config: export again")
     layers, schemes, folded, (_, kv_tensors) = _plan(model)
-    expected = {**_float_tensors(model), **folded, **kv_tensors}
+    expected = {**float_tensors(model), **folded, **kv_tensors}
     worst = 0.0
     for n, q in layers.items():
         g = _group_of(n, groups)

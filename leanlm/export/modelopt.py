@@ -28,10 +28,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import LeanLMError
-from ..quant.formats import E2M1_GRID, E4M3_MAX, QuantSpec
+from ..quant.formats import E2M1_GRID, E4M3_MAX
 from ..quant.kv import KVQuantizer
 from ..quant.linear import QuantLinear
-from .parts import WeightParts, quantized_layers, weight_parts
+from .parts import WeightParts, e2m1_bytes, float_tensors, quantized_layers, weight_parts
 
 PRODUCER = {"name": "modelopt", "version": "0.47.0"}
 ACT_CALIB_SAMPLES, ACT_CALIB_LEN = 8, 256
@@ -60,13 +60,6 @@ def _pack_rows_int4(values: torch.Tensor) -> torch.Tensor:
     return (v[0::2] | (v[1::2] << 4)).contiguous()
 
 
-def _pack_cols_e2m1(values: torch.Tensor) -> torch.Tensor:
-    """E2M1 values ``[N, K]`` -> uint8 ``[N, K / 2]``: element 2j in the low nibble."""
-    grid = torch.tensor(E2M1_GRID)
-    code = torch.searchsorted(grid, values.abs()).to(torch.uint8) | ((values < 0).to(torch.uint8) << 3)
-    return (code[:, 0::2] | (code[:, 1::2] << 4)).contiguous()
-
-
 @torch.no_grad()
 def _activation_amax(model: nn.Module, tokenizer, layers: dict[str, QuantLinear]) -> dict[str, torch.Tensor]:
     """Per-layer input absmax over a few calibration samples (for scales leanlm computes dynamically)."""
@@ -93,9 +86,7 @@ def _activation_amax(model: nn.Module, tokenizer, layers: dict[str, QuantLinear]
 
 
 def _layer_tensors(name: str, q: QuantLinear, algo: str, parts: WeightParts, act_amax) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    if q.bias is not None:
-        out[f"{name}.bias"] = q.bias.detach().float()
+    out: dict[str, torch.Tensor] = {}  # biases come with the float tensors
     if algo == "FP8":
         out[f"{name}.weight"] = parts.values.to(torch.float8_e4m3fn)
         out[f"{name}.weight_scale"] = parts.scale.reshape(()).float()
@@ -115,7 +106,7 @@ def _layer_tensors(name: str, q: QuantLinear, algo: str, parts: WeightParts, act
         if q.smooth is not None:
             raise LeanLMError(f"layer '{name}' carries AWQ input scales, which Model Optimizer's NVFP4 export keeps "
                               "only as NVFP4_AWQ (not written by leanlm): quantize with nvfp4 instead of nvfp4_awq")
-        out[f"{name}.weight"] = _pack_cols_e2m1(parts.values)
+        out[f"{name}.weight"] = e2m1_bytes(parts.values)
         out[f"{name}.weight_scale"] = parts.stored_scale.contiguous()
         out[f"{name}.weight_scale_2"] = parts.global_scale.float().reshape(())
         out[f"{name}.input_scale"] = (act_amax[name] / (6.0 * E4M3_MAX)).reshape(())
@@ -151,16 +142,7 @@ def write(model: nn.Module, tokenizer, out: Path) -> dict:
             attn = n.rpartition(".")[0]
             tensors[f"{attn}.k_proj.k_scale"] = m.k_amax.float().amax().reshape(()) / E4M3_MAX
             tensors[f"{attn}.v_proj.v_scale"] = m.v_amax.float().amax().reshape(()) / E4M3_MAX
-    quantized = {id(q) for q in layers.values()}
-    skip = {id(m) for n, m in model.named_modules() if isinstance(m, KVQuantizer)}
-    for mname, mod in model.named_modules():
-        if id(mod) in quantized or id(mod) in skip:
-            continue
-        for pname, p in mod.named_parameters(recurse=False):
-            key = f"{mname}.{pname}" if mname else pname
-            if key == "lm_head.weight" and model.config.tie_word_embeddings:
-                continue
-            tensors.setdefault(key, p.detach().contiguous())
+    tensors.update(float_tensors(model))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
     quant = {"quant_algo": algo, "kv_cache_quant_algo": kv_algo,

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..errors import LeanLMError
-from ..quant.formats import QuantSpec
+from ..quant.formats import QuantSpec, e2m1_codes
+from ..quant.kv import KVQuantizer
 from ..quant.linear import QuantLinear
 from ..quant.packing import decode_values
 
@@ -73,3 +74,25 @@ def weight_parts(q: QuantLinear) -> WeightParts:
         stored = q.weight_scale.reshape(n, -1)
         zero = None if qp.zero is None else qp.zero.reshape(n, -1)
     return WeightParts(spec, values.contiguous(), scale.float(), zero, qp.global_scale, block, stored)
+
+
+def e2m1_bytes(values: torch.Tensor) -> torch.Tensor:
+    """E2M1 grid values ``[N, K]`` (K even) -> uint8 ``[N, K / 2]``, element 2j in the low nibble."""
+    codes = e2m1_codes(values)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's float tensors under their HF names: leanlm's quantization buffers (codes, scales,
+    ranges) left out, quantized layers' parameters (biases) kept, each tied tensor once."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    owners = {n for n, m in model.named_modules() if isinstance(m, (QuantLinear, KVQuantizer))}
+    out, seen = {}, set()
+    for key, t in model.state_dict().items():
+        if key.rpartition(".")[0] in owners and key not in params:
+            continue
+        if t.data_ptr() in seen:  # tied weights: transformers restores the tie on load
+            continue
+        seen.add(t.data_ptr())
+        out[key] = t.detach().contiguous()
+    return out

@@ -208,7 +208,7 @@ class QuantLinear(nn.Module):
             s = self.weight_scale.reshape(n).float()
             inp = self.input_spec
             if inp is None and int8_kernel_fits(k):
-                self._kernel = ("int8", w, torch.ones(n, dtype=torch.bfloat16), s)
+                self._kernel = ("int8", w, s)
             elif inp is not None and inp.format == "int8" and inp.symmetric and inp.block_size in (0, -1):
                 self._kernel = ("w8a8", w.t(), s)
         return None if self._kernel is None else self._kernel[0]
@@ -239,10 +239,8 @@ class QuantLinear(nn.Module):
         kind, *t = self._kernel
         if kind == "int4":
             return int4_linear(x, *t, self.bias)
-        if kind == "int8":  # unit kernel scales, then the fp32 ones: bf16 scales would bias whole channels
-            w, ones, s = t
-            y = int8_linear(x, w, ones)
-            return (y.float() * s + (0 if self.bias is None else self.bias.float())).to(x.dtype)
+        if kind == "int8":
+            return int8_linear(x, *t, self.bias)
         w_t, s = t
         spec = self.input_spec
         qp = compute_qparams(x, spec, amax=None if spec.dynamic else self.input_amax)
