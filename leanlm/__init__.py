@@ -6,6 +6,7 @@ Public API::
     leanlm.quantize(model, "w4a16_rtn")               # preset, recipe file, dict or Recipe
     result = leanlm.evaluate(model, tok, data="wiki", max_tokens=8192, speed=True)
     leanlm.save(model, tok, "out/smollm2-w4")         # atomic; load() restores it quantized
+    leanlm.quantize_streaming("big-model/", "w4a16_awq", calib_ids, "out/big-w4")  # one layer in memory
     text, gen = leanlm.generate(model, tok, "The capital of France", max_new_tokens=32)
     leanlm.qad(student, teacher, "nvfp4", train_ids)    # or leanlm.qat(model, recipe, train_ids)
     small = leanlm.prune(model, calib_ids, params="70%") # then leanlm.distill(small, model, train_ids)
@@ -21,6 +22,7 @@ from .models import BUILTIN_MODELS, DEFAULT_MODEL, convert_gguf, list_models, lo
 from .quant.api import freeze_model, pack_model, quantize
 from .quant.formats import QuantSpec
 from .quant.recipes import PRESETS, Recipe, get_recipe
+from .quant.streaming import quantize_streaming
 from . import export, prune
 from .export import verify_export
 from .prune import sparsify
@@ -32,5 +34,5 @@ __all__ = [
     "BUILTIN_MODELS", "DEFAULT_MODEL", "DistillConfig", "Engine", "LeanLMError", "PRESETS", "QuantSpec", "Recipe",
     "TrainConfig", "calibration_batches", "convert_gguf", "distill", "documents", "eval_tokens", "evaluate", "export", "format_table",
     "freeze_model", "generate", "get_recipe", "list_models", "load", "load_results", "measure_speed", "model_size",
-    "pack_model", "perplexity", "prepare", "prune", "qad", "qat", "quantize", "save", "sparsify", "split_text", "verify_export", "write_report",
+    "pack_model", "perplexity", "prepare", "prune", "qad", "qat", "quantize", "quantize_streaming", "save", "sparsify", "split_text", "verify_export", "write_report",
 ]

@@ -84,18 +84,43 @@ def cmd_quantize(args) -> None:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise LeanLMError(f"output '{out}' already exists: choose another --out or pass --overwrite")
-    model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
-    calib = _calib(args, tok, model) if args.calib else None
-    t = time.perf_counter()
-    quantize(model, recipe, calib=calib)
-    seconds = time.perf_counter() - t
-    save(model, tok, out, overwrite=args.overwrite)
-    print(f"quantized {args.model} with {recipe.name} in {seconds:.1f}s -> {out}")
+    if args.streaming:
+        seconds = _quantize_streaming(args, recipe, out)
+        model, tok = load(out) if args.eval_tokens else (None, None)
+    else:
+        model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
+        calib = _calib(args, tok, model) if args.calib else None
+        t = time.perf_counter()
+        quantize(model, recipe, calib=calib)
+        seconds = time.perf_counter() - t
+        save(model, tok, out, overwrite=args.overwrite)
+    print(f"quantized {args.model} with {recipe.name}{' (streaming)' if args.streaming else ''} in {seconds:.1f}s "
+          f"-> {out}")
     if args.eval_tokens:
         result = evaluate(model, tok, data=args.eval_data, max_tokens=args.eval_tokens, name=recipe.name)
         result["calibration_seconds"] = seconds
         print(format_table([result]))
         _write_json(str(out / "eval.json"), result)
+
+
+def _quantize_streaming(args, recipe, out: Path) -> float:
+    """`quantize --streaming`: one decoder layer in memory at a time, resumable from OUT.work."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .data import calibration_batches
+    from .models import resolve
+    from .quant.streaming import quantize_streaming
+
+    path = resolve(args.model)
+    calib = None
+    if args.calib:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        calib = calibration_batches(tok, args.calib, args.calib_samples, args.seq_len, model=config)
+    t = time.perf_counter()
+    quantize_streaming(path, recipe, calib, out, work=args.work, overwrite=args.overwrite,
+                       trust_remote_code=args.trust_remote_code)
+    return time.perf_counter() - t
 
 
 def cmd_recipes(args) -> None:
@@ -226,7 +251,7 @@ def _train_config(args):
     return TrainConfig(tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
                        micro_batch=args.micro_batch, epochs=args.epochs, lr=args.lr, bf16=not args.no_bf16,
                        checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes, seed=args.seed,
-                       eval_every=args.eval_every)
+                       eval_every=args.eval_every, fsdp=args.fsdp)
 
 
 def _held_out(args, tok):
@@ -414,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=_positive, default=512)
     s.add_argument("--eval-tokens", type=int, default=0, help="evaluate after quantizing (writes OUT/eval.json)")
     s.add_argument("--eval-data", default="wiki")
+    s.add_argument("--streaming", action="store_true",
+                   help="load, calibrate and write one decoder layer at a time (models larger than memory; resumable)")
+    s.add_argument("--work", default=None, help="--streaming work folder (default OUT.work; a killed run resumes there)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_quantize)
 
@@ -464,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bf16 autocast)")
         s.add_argument("--checkpoint-every", type=_positive, default=25, help="steps between checkpoints")
         s.add_argument("--max-minutes", type=float, default=None, help="stop early (checkpointed) after this long")
+        s.add_argument("--fsdp", action="store_true",
+                       help="under torchrun / accelerate launch: shard weights, gradients and optimizer state over "
+                            "the processes (FSDP) instead of a full copy on each; checkpoints are sharded too")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--eval-every", type=int, default=0,
                        help="steps between held-out loss evaluations during training (16 sequences of --eval-data)")
@@ -577,6 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Commands that load models and run for minutes: each reports its peak resident memory when done.
+LONG_COMMANDS = {"convert", "eval", "quantize", "generate", "export", "qat", "qad", "prune", "sparsify", "distill",
+                 "speculate", "demo"}
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub"):
@@ -584,6 +620,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
+        if args.command in LONG_COMMANDS:
+            from .memory import peak_rss_bytes
+
+            print(f"peak memory: {peak_rss_bytes() / 2**30:.2f} GiB resident", file=sys.stderr)
     except LeanLMError as e:
         print(f"leanlm: error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LeanLMError
+from ..memory import release_free_memory
 from .kv import attach_kv_quantizers
 from .linear import QuantLinear
 from .recipes import Recipe, get_recipe
@@ -34,6 +35,17 @@ def attach_quantizers(model: nn.Module, recipe: Recipe) -> dict[str, QuantLinear
     return selected
 
 
+def check_calibratable(model: nn.Module, layers: dict[str, QuantLinear], recipe: Recipe) -> None:
+    """Calibration runs inside the decoder layers: a data-driven recipe cannot select a layer outside."""
+    from .sequential import decoder_layers
+
+    inside = {id(m) for m in decoder_layers(model).modules()}
+    outside = [n for n, q in layers.items() if id(q) not in inside]
+    if outside:
+        raise LeanLMError(f"layer '{outside[0]}' lies outside the decoder layers, where recipe '{recipe.name}' "
+                          "cannot calibrate: exclude it (exclude: [...]) or use a weight-only rtn recipe")
+
+
 def forward_loop_from_batches(batches: torch.Tensor, batch_size: int = CALIB_BATCH) -> Callable[[nn.Module], None]:
     """A forward_loop that runs the model over calibration token batches [N, L]."""
 
@@ -54,7 +66,7 @@ def quantize(model: nn.Module, recipe, calib=None, progress: bool = True, freeze
     `freeze_model` turns them into codes afterwards.
     """
     from .ptq import calibrate_layer
-    from .sequential import decoder_layers, run_layerwise
+    from .sequential import run_layerwise
 
     recipe = get_recipe(recipe)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
@@ -62,28 +74,36 @@ def quantize(model: nn.Module, recipe, calib=None, progress: bool = True, freeze
     if recipe.needs_data and calib is None:
         raise LeanLMError(f"recipe '{recipe.name}' calibrates on data (algorithm {'+'.join(recipe.algorithm)}, "
                           "static activation or KV ranges): pass calibration data (calib=..., CLI: --calib wiki)")
+    layers = prepare_quantizers(model, recipe)
+    if recipe.needs_data:
+        loop = calib if callable(calib) else forward_loop_from_batches(calib)
+        with torch.no_grad():
+            run_layerwise(model, loop, lambda layer, h, kw: calibrate_layer(layer, h, kw, recipe, freeze), progress)
+    else:
+        for q in tqdm(layers.values(), desc=f"quantizing ({recipe.name})", disable=not progress, unit="layer"):
+            quantize_without_data(q, recipe, freeze)
+    return model
+
+
+def prepare_quantizers(model: nn.Module, recipe: Recipe) -> dict[str, QuantLinear]:
+    """Attach the recipe's linear and KV-cache quantizers (fake state); returns the linear ones by name."""
     layers = attach_quantizers(model, recipe)
     if recipe.kv_cache is not None:
         attach_kv_quantizers(model, recipe.kv_cache)
     model.leanlm_recipe = recipe
     if recipe.needs_data:
-        inside = {id(m) for m in decoder_layers(model).modules()}
-        outside = [n for n, q in layers.items() if id(q) not in inside]
-        if outside:
-            raise LeanLMError(f"layer '{outside[0]}' lies outside the decoder layers, where recipe '{recipe.name}' "
-                              "cannot calibrate: exclude it (exclude: [...]) or use a weight-only rtn recipe")
-        loop = calib if callable(calib) else forward_loop_from_batches(calib)
-        with torch.no_grad():
-            run_layerwise(model, loop, lambda layer, h, kw: calibrate_layer(layer, h, kw, recipe, freeze), progress)
-    else:
-        from .calib import search_clip
+        check_calibratable(model, layers, recipe)
+    return layers
 
-        for q in tqdm(layers.values(), desc=f"quantizing ({recipe.name})", disable=not progress, unit="layer"):
-            if recipe.options["weight_calibration"] == "mse" and q.weight_spec is not None:
-                q.weight_qp = search_clip(q.weight, q.weight_spec)
-            if freeze:
-                q.freeze()
-    return model
+
+def quantize_without_data(q: QuantLinear, recipe: Recipe, freeze: bool = True) -> None:
+    """A layer of a recipe that needs no data: optional MSE clipping search, then (by default) freeze."""
+    from .calib import search_clip
+
+    if recipe.options["weight_calibration"] == "mse" and q.weight_spec is not None:
+        q.weight_qp = search_clip(q.weight, q.weight_spec)
+    if freeze:
+        q.freeze()
 
 
 def freeze_model(model: nn.Module) -> nn.Module:
@@ -107,17 +127,5 @@ def pack_model(model: nn.Module) -> dict[str, int]:
         if isinstance(q, QuantLinear) and q.frozen:
             kind = q.pack() or "dequant"
             counts[kind] = counts.get(kind, 0) + 1
-    _release_free_memory()
+    release_free_memory()  # the many per-layer temporaries of packing
     return counts
-
-
-def _release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps the many per-layer temporaries of packing
-    otherwise, and the process stays as large as the float model it never loaded)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)

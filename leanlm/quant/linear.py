@@ -82,6 +82,10 @@ class QuantLinear(nn.Module):
             return fake_quantize_lsq(self.weight, self.weight_spec, self.learned_scale)
         return fake_quantize(self.weight, self.weight_spec, self.weight_qp)
 
+    def drop_dequantized(self) -> None:
+        """Forget the cached float weight of a frozen layer (the next eager forward rebuilds it)."""
+        self._dequant_cache = None
+
     def learn_scales(self) -> None:
         """Make the weight's per-block scales a trained parameter (LSQ), starting from the current ones."""
         if self.weight_spec is None or self.frozen or self.learned_scale is not None:

@@ -33,13 +33,17 @@ def save_quant_state(model: nn.Module, out: Path) -> Path | None:
         q.freeze()
     model.config.save_pretrained(out)
     save_model(model, str(out / "model.safetensors"))
-    recipe = getattr(model, "leanlm_recipe", None)
+    specs = {n: (q.weight_spec, q.input_spec, q.output_spec) for n, q in layers.items()}
+    return write_quant_state(out, specs, getattr(model, "leanlm_recipe", None))
+
+
+def write_quant_state(out: Path, specs: dict[str, tuple], recipe) -> Path:
+    """The JSON description of each quantized layer (weight, input, output specs) and the recipe."""
     state = {
         "format_version": FORMAT_VERSION,
         "recipe": None if recipe is None else recipe.to_dict(),
-        "layers": {n: {k: None if s is None else asdict(s) for k, s in
-                       (("weight", q.weight_spec), ("input", q.input_spec), ("output", q.output_spec))}
-                   for n, q in layers.items()},
+        "layers": {n: {k: None if s is None else asdict(s) for k, s in zip(("weight", "input", "output"), spec)}
+                   for n, spec in specs.items()},
     }
     path = out / STATE_FILE
     path.write_text(json.dumps(state, indent=2))

@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..atomic import save_tensors
 from ..errors import LeanLMError
 from ..train.loop import cosine_lr
-from ..train.checkpoint import STATE, WEIGHTS, has_checkpoint, load_checkpoint, save_checkpoint, save_tensors
+from ..train.checkpoint import has_checkpoint, load_checkpoint, remove_checkpoint_files, save_checkpoint
 from .eagle3 import Eagle3Config, Eagle3Head, repeat_kv, save_eagle3
 
 log = logging.getLogger("leanlm")
@@ -384,6 +385,5 @@ def train_eagle3(target, tokenizer, out: str | Path, config: Eagle3TrainConfig |
                          "val_step_accuracy": [round(a, 4) for a in val_acc],
                          "train_seconds": round(time.perf_counter() - t_start, 1), "config": asdict(cfg)}
     save_eagle3(head, out, overwrite=overwrite)
-    for name in (STATE, WEIGHTS):  # done; the generated data stays for retraining
-        (work / name).unlink(missing_ok=True)
+    remove_checkpoint_files(work)  # done; the generated data and its settings stay for retraining
     return head

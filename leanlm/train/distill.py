@@ -120,7 +120,6 @@ def distill(student: nn.Module, teacher: nn.Module, train_data: torch.Tensor, co
     """
     import time
 
-    from ..prune.sparsity import keep_sparsity
     from . import distributed as dist
     from .loop import TrainConfig, train
     from .qat import trainable_parameters
@@ -148,19 +147,24 @@ def distill(student: nn.Module, teacher: nn.Module, train_data: torch.Tensor, co
     if dcfg.hidden_weight:
         hidden = HiddenLoss([(-1, -1)], student.config.hidden_size, teacher.config.hidden_size)
         params.update({f"hidden_loss.{n}": p for n, p in hidden.named_parameters()})
-    hooks = keep_sparsity(student)
-    try:
-        history = train(student, params, train_data, distill_loss_fn(teacher, dcfg, cache, hidden), cfg, work,
-                        eval_data, progress, desc, on_step, settings={"method": "distill", **asdict(dcfg),
-                                                                       **(settings or {})})
-    finally:
-        for h in hooks:
-            h.remove()
+    history = train(student, params, train_data, distill_loss_fn(teacher, dcfg, cache, hidden), cfg, work,
+                    eval_data, progress, desc, on_step, grad_masks=sparsity_masks(student, params),
+                    settings={"method": "distill", **asdict(dcfg), **(settings or {})})
     student.leanlm_training = {"method": "distill", "trained_steps": max((h["step"] for h in history), default=0),
                                "planned_steps": cfg.steps(len(train_data)),
                                "seconds": round(time.perf_counter() - started, 1), "config": asdict(cfg),
                                "distill": asdict(dcfg), "history": history}
     return student
+
+
+def sparsity_masks(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Where the trained decoder-layer linear weights are nonzero: the loop masks their gradients, so a
+    pruned (sparse) student keeps its zeros (as `prune.keep_sparsity`, but sharding-proof: by name)."""
+    from ..quant.sequential import decoder_layers
+
+    linear = {id(m.weight) for m in decoder_layers(model).modules() if isinstance(m, nn.Linear)}
+    masks = {n: p.detach() != 0 for n, p in params.items() if id(p) in linear}
+    return {n: m for n, m in masks.items() if not m.all()}
 
 
 def ce_loss_fn(model, ids, index):

@@ -38,6 +38,8 @@ def sum_gradients(params) -> None:
     if world_size() == 1:
         return
     params = [p for p in params if p.requires_grad]
+    if not params:
+        return
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

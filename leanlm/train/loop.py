@@ -9,6 +9,9 @@ which a killed run resumes with the same result as an uninterrupted one.
 `loss_fn(model, ids, index)` returns the loss summed over the batch's predicted tokens; `index` holds
 the sequences' positions in `data` (for cached teacher outputs). The loop divides by the global
 batch's token count, so the result does not depend on how the batch is split.
+
+With `fsdp` the processes shard the model, its gradients and AdamW moments instead of each holding
+them whole (`sharding`); the result is the same, up to float summation order.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import nn
 
 from ..errors import LeanLMError
 from . import distributed as dist
+from . import sharding
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ class TrainConfig:
     checkpoint_every: int = 25
     seed: int = 0
     max_minutes: float | None = None  # stop early (with a checkpoint) after this long
+    fsdp: bool = False  # shard model, gradients and optimizer state over the processes (FSDP2)
 
     def steps(self, n_sequences: int) -> int:
         return max(1, (n_sequences // self.batch_size) * self.epochs)
@@ -85,12 +90,20 @@ def evaluate_loss(model: nn.Module, data: torch.Tensor, loss_fn: LossFn, cfg: Tr
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(dist.rank() * cfg.micro_batch, len(data), cfg.micro_batch * dist.world_size()):
-        ids = data[i:i + cfg.micro_batch].to(device)
+    # Sharded, every forward is a collective: all processes run as many, the ones past the end on
+    # a sequence whose loss is not counted.
+    lockstep = any(sharding.is_sharded(p) for p in model.parameters())
+    total, count, stride = 0.0, 0, cfg.micro_batch * dist.world_size()
+    for start in range(0, len(data), stride):
+        i = start + dist.rank() * cfg.micro_batch
+        if i >= len(data) and not lockstep:
+            break
+        ids = data[i:i + cfg.micro_batch] if i < len(data) else data[:1]
         with autocast(model, cfg.bf16):
-            total += float(loss_fn(model, ids, -1 - torch.arange(i, i + len(ids))).detach())
-        count += ids.numel() - len(ids)
+            loss = float(loss_fn(model, ids.to(device), -1 - torch.arange(i, i + len(ids))).detach())
+        if i < len(data):
+            total += loss
+            count += ids.numel() - len(ids)
     model.train(was_training)
     return dist.sum_scalar(total) / max(dist.sum_scalar(count), 1)
 
@@ -100,6 +113,10 @@ def _check_settings(work: Path, settings: dict) -> None:
     if file.is_file() and has_checkpoint(work):
         before = json.loads(file.read_text())
         changed = sorted(k for k in settings if before.get(k) != settings[k])
+        if "world_size" in changed:
+            n = before["world_size"]
+            raise LeanLMError(f"'{work}' holds a checkpoint of a run on {n} process(es): resume it on {n} "
+                              "processes in all, or delete the folder to start over")
         if changed:
             raise LeanLMError(f"'{work}' holds a checkpoint of a run with other {', '.join(changed)}: resume with "
                               f"the settings in {file}, or delete the folder to start over")
@@ -110,12 +127,16 @@ def _check_settings(work: Path, settings: dict) -> None:
 def train(model: nn.Module, params: dict[str, nn.Parameter], data: torch.Tensor, loss_fn: LossFn,
           config: TrainConfig | None = None, work: str | Path | None = None, eval_data: torch.Tensor | None = None,
           progress: bool = True, desc: str = "training", on_step: Callable[[int, dict], None] | None = None,
-          settings: dict | None = None) -> list[dict]:
+          settings: dict | None = None, grad_masks: dict[str, torch.Tensor] | None = None) -> list[dict]:
     """Train `params` (named, a subset of `model`'s) on `data` [N, seq_len]; returns the history.
 
     With `work`, checkpoints go there every `checkpoint_every` steps and an existing one is resumed.
     `settings` (JSON-able) are recorded beside the checkpoint; resuming with other settings is an error.
-    `on_step(step, record)` is called after every optimizer step.
+    `on_step(step, record)` is called after every optimizer step. `grad_masks` (0/1, by name) multiply
+    those parameters' gradients every step: zeros of a pruned weight stay zero.
+
+    With `config.fsdp` and several processes, `model` holds no weights during training (a sharded twin
+    trains; `on_step` cannot inspect them); the trained ones are back in it, on every process, on return.
     """
     from tqdm.auto import tqdm
 
@@ -134,6 +155,13 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], data: torch.Tensor,
     total = cfg.steps(len(data))
     per_step_tokens = cfg.batch_size * (data.shape[1] - 1)
     device = next(model.parameters()).device
+    masks = {n: m.to(device) for n, m in (grad_masks or {}).items()}
+    sharded = cfg.fsdp and world > 1
+    net = model  # what trains: `model`, or its sharded twin
+    if sharded:
+        net, params, masks = sharding.shard(model, params, masks)
+    elif cfg.fsdp:
+        log.info("fsdp: a single process, nothing to shard")
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     step, history = 0, []
     if work is not None:
@@ -147,13 +175,13 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], data: torch.Tensor,
             state = load_checkpoint(work, params, opt)
             step, history = state["step"], state["history"]
             log.info(f"resuming {desc} at step {step}/{total} from {work}")
-    model.train()
+    net.train()
     bar = tqdm(total=total, initial=step, desc=desc, unit="step", disable=not (progress and dist.is_main()))
     t_start, tokens_seen = time.perf_counter(), 0
 
     def checkpoint():
-        if work is not None and dist.is_main():
-            save_checkpoint(work, params, opt, {"step": step, "history": history})
+        if work is not None and (sharded or dist.is_main()):
+            save_checkpoint(work, params, opt, {"step": step, "history": history}, sharded=sharded)
         dist.barrier()
 
     while step < total:
@@ -166,19 +194,25 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], data: torch.Tensor,
         loss_sum = 0.0
         for i in range(0, len(batch), cfg.micro_batch):
             idx = batch[i:i + cfg.micro_batch]
-            with autocast(model, cfg.bf16):
-                loss = loss_fn(model, data[idx].to(device), idx)
-            (loss / per_step_tokens).backward()
+            with autocast(net, cfg.bf16):
+                loss = loss_fn(net, data[idx].to(device), idx)
+            (loss / per_step_tokens).backward()  # sharded: reduce-scattered (summed) in here
             loss_sum += float(loss.detach())
-        dist.sum_gradients(params.values())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip or float("inf")))
+        dist.sum_gradients(p for p in params.values() if not sharding.is_sharded(p))
+        for n, m in masks.items():
+            if params[n].grad is not None:
+                params[n].grad.mul_(m)
+        if sharded:
+            grad_norm = sharding.clip_grad_norm(params.values(), cfg.grad_clip or float("inf"))
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip or float("inf")))
         opt.step()
         step += 1
         tokens_seen += per_step_tokens
         record = {"step": step, "loss": dist.sum_scalar(loss_sum) / per_step_tokens, "lr": opt.param_groups[0]["lr"],
                   "grad_norm": grad_norm}
         if eval_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-            record["eval_loss"] = evaluate_loss(model, eval_data, loss_fn, cfg)
+            record["eval_loss"] = evaluate_loss(net, eval_data, loss_fn, cfg)
         history.append(record)
         elapsed = time.perf_counter() - t_start
         shown = {"loss": f"{record['loss']:.4f}", "tok_s": f"{tokens_seen / elapsed:.0f}"}
@@ -190,12 +224,15 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], data: torch.Tensor,
             on_step(step, record)
         if step % cfg.checkpoint_every == 0 and step < total:
             checkpoint()
-        if cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60 and step < total:
+        # Every process stops at the same step (checkpointing is collective), whichever clock ran out.
+        if cfg.max_minutes is not None and step < total and dist.sum_scalar(float(elapsed > cfg.max_minutes * 60)):
             log.info(f"stopping {desc} at step {step}/{total}: max_minutes {cfg.max_minutes} reached")
             checkpoint()
             break
     bar.close()
     if eval_data is not None:
-        history.append({"step": step, "eval_loss": evaluate_loss(model, eval_data, loss_fn, cfg)})
+        history.append({"step": step, "eval_loss": evaluate_loss(net, eval_data, loss_fn, cfg)})
+    if sharded:
+        sharding.unshard(model, net)
     model.eval()
     return history
