@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -23,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from result_rows import ResultRows  # noqa: E402  (bench/ sits first on sys.path when run as a script)
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "work" / "scale"
@@ -69,12 +72,12 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from leanlm.models import prepare
+    from leanlm.models import prepare, safetensors_header
     from leanlm.synthetic import write_random_llama
 
     shape = {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "heads": args.heads,
              "kv_heads": args.kv_heads, "vocab": 49152}
-    model_dir = WORK / "model-{hidden}x{intermediate}x{layers}".format(**shape)
+    model_dir = WORK / "model-{hidden}x{intermediate}x{layers}-h{heads}-kv{kv_heads}".format(**shape)
     gen_seconds = None
     if not (model_dir / "config.json").is_file():
         t = time.perf_counter()
@@ -90,9 +93,9 @@ def main() -> None:
     if not args.keep:
         shutil.rmtree(out)
     sec = measured["seconds_per_layer"]
-    h, m, lay = args.hidden, args.intermediate, args.layers
-    head_dim = h // args.heads
-    params = lay * (2 * h * h + 2 * h * args.kv_heads * head_dim + 3 * h * m + 2 * h) + 49152 * h + h
+    lay = args.layers
+    params = sum(math.prod(t["shape"]) for f in model_dir.glob("*.safetensors")
+                 for k, t in safetensors_header(f)[1].items() if k != "__metadata__")
     row = {
         "recipe": args.recipe, "params": params, "layers": lay, "float32_gb": float_bytes / 1e9,
         "quantized_gb": out_bytes / 1e9, "calib_tokens": args.calib_samples * args.seq_len,
@@ -109,11 +112,8 @@ def main() -> None:
     print(f"| {lay:>6} | {row['total_s']:>8.0f} | {row['median_s_per_layer']:>16.1f} | {row['max_s_per_layer']:>13.1f} | "
           f"{row['peak_rss_gb']:>11.2f} | {'< 4 GB' if row['meets_target'] else 'MISSED':>7} | "
           f"{row['quantized_gb']:>9.2f} |")
-    from leanlm.atomic import atomic_write_text
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS / "scale.json", json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"),
-                                                          "rows": [row]}, indent=2) + "\n")
+    settings = {**shape, "recipe": args.recipe, "calib_samples": args.calib_samples, "seq_len": args.seq_len}
+    ResultRows(RESULTS / "scale.json", settings, ("recipe",), fresh=True).add(row)
     print(f"wrote {RESULTS / 'scale.json'}")
 
 

@@ -107,16 +107,14 @@ def _quantize_streaming(args, recipe, out: Path) -> float:
     """`quantize --streaming`: one decoder layer in memory at a time, resumable from OUT.work."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .data import calibration_batches
     from .models import resolve
     from .quant.streaming import quantize_streaming
 
     path = resolve(args.model)
     calib = None
-    if args.calib:
+    if args.calib:  # the float model is never loaded: its config bounds the sequence length
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-        calib = calibration_batches(tok, args.calib, args.calib_samples, args.seq_len, model=config)
+        calib = _calib(args, tok, AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code))
     t = time.perf_counter()
     quantize_streaming(path, recipe, calib, out, work=args.work, overwrite=args.overwrite,
                        trust_remote_code=args.trust_remote_code)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import resource
 import sys
 
 
+@functools.cache  # find_library runs ldconfig: once per process is enough
 def _libc():
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None

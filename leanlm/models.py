@@ -59,21 +59,27 @@ def builtin_dir(name: str) -> Path:
 # gets to throw an opaque traceback at the user.
 
 
+def safetensors_header(path: Path) -> tuple[int, dict]:
+    """(offset where the tensor data starts, the JSON header) of a safetensors file; raises
+    struct.error or ValueError when the header is unreadable."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > path.stat().st_size - 8:
+            raise ValueError("header length exceeds the file size")
+        return 8 + n, json.loads(f.read(n))
+
+
 def check_safetensors(path: Path) -> None:
     """Raise LeanLMError unless `path` is a complete safetensors file (header and data sizes agree)."""
     size = path.stat().st_size
     fix = "re-download or re-save the model"
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError("header length exceeds the file size")
-            header = json.loads(f.read(n))
+        start, header = safetensors_header(path)
         end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
         raise LeanLMError(f"safetensors file '{path}' is corrupt ({e}): {fix}") from None
-    if 8 + n + end != size:
-        raise LeanLMError(f"safetensors file '{path}' is truncated ({size} bytes, header says {8 + n + end}): {fix}")
+    if start + end != size:
+        raise LeanLMError(f"safetensors file '{path}' is truncated ({size} bytes, header says {start + end}): {fix}")
 
 
 def check_gguf(path: Path) -> None:

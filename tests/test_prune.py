@@ -10,7 +10,7 @@ import torch
 import leanlm
 from leanlm.cli import main
 from leanlm.prune import Keep, apply_keep, importance, non_embedding_parameters, prune, shape_for_target
-from leanlm.prune.sparsity import keep_sparsity, prune_mask, sparsify, sparsity_report
+from leanlm.prune.sparsity import prune_mask, sparsify, sparsity_report
 from tiny import tiny_gemma3, tiny_llama, tiny_qwen2
 
 MODELS = [tiny_llama, tiny_qwen2, tiny_gemma3]

@@ -7,11 +7,11 @@ from .api import choose, parse_fraction, prune, shape_for_target
 from .depth import drop_layers
 from .importance import Importance, importance, layer_loss_importance
 from .shapes import non_embedding_parameters
-from .sparsity import keep_sparsity, sparsify, sparsity_report
+from .sparsity import sparsify, sparsity_masks, sparsity_report
 from .structured import Keep, apply_keep
 
 __all__ = ["Importance", "Keep", "apply_keep", "choose", "drop_layers", "importance", "layer_loss_importance",
-           "keep_sparsity", "non_embedding_parameters", "parse_fraction", "prune", "shape_for_target", "sparsify",
+           "non_embedding_parameters", "parse_fraction", "prune", "shape_for_target", "sparsify", "sparsity_masks",
            "sparsity_report"]
 
 

@@ -7,7 +7,7 @@
 
 `2:4` keeps the 2 largest of every 4 consecutive weights along the input dimension (the layout sparse
 tensor cores run); a float in (0, 1) prunes that fraction of each row. Layers are processed one decoder
-layer at a time on the outputs of the already-sparsified ones. `keep_sparsity` fixes the zeros during
+layer at a time on the outputs of the already-sparsified ones. `sparsity_masks` fixes the zeros during
 later training (distillation).
 """
 
@@ -139,13 +139,10 @@ def sparsity_report(model: nn.Module) -> dict:
     return {"zero_fraction": zeros / max(total, 1), "weights": total}
 
 
-def keep_sparsity(model: nn.Module) -> list:
-    """Keep today's zeros of the decoder layers' linear weights at zero through training (gradient
-    hooks); returns the hook handles (remove them to lift the constraint)."""
-    handles = []
-    for layer in decoder_layers(model):
-        for lin in _linears(layer).values():
-            mask = lin.weight.detach() != 0
-            if not mask.all():
-                handles.append(lin.weight.register_hook(lambda g, mask=mask: g * mask))
-    return handles
+def sparsity_masks(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Where the decoder layers' linear weights among `params` are nonzero, by name, for those with
+    zeros: the training loop multiplies their gradients by these, so a sparse model keeps its zeros
+    (by name rather than by parameter object, which FSDP replaces)."""
+    linear = {id(lin.weight) for layer in decoder_layers(model) for lin in _linears(layer).values()}
+    masks = {n: p.detach() != 0 for n, p in params.items() if id(p) in linear}
+    return {n: m for n, m in masks.items() if not m.all()}

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_dir, atomic_write_text, save_tensors
 from ..errors import LeanLMError
 from ..memory import release_free_memory
+from ..models import safetensors_header
 from .api import forward_loop_from_batches, prepare_quantizers, quantize_without_data
 from .kv import KVQuantizer
 from .linear import QuantLinear
@@ -61,17 +62,11 @@ class WeightFiles:
     data), however little of it is used."""
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
         self.files = sorted(folder.glob("*.safetensors"))
-        self.where: dict[str, Path] = {}
-        for f in self.files:
-            with safe_open(str(f), "pt") as h:
-                for k in h.keys():
-                    self.where[k] = f
+        self.where = {k: f for f in self.files for k in safetensors_header(f)[1] if k != "__metadata__"}
 
     def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The named tensors as `dtype`; each file is opened once and closed after (its pages unmapped)."""
+        """The named tensors as `dtype`, each file opened once for all of its tensors asked for."""
         from safetensors import safe_open
 
         missing = [n for n in names if n not in self.where]
@@ -117,11 +112,8 @@ class SpilledTensors(Sequence):
     """A list of tensors kept in one safetensors file, read back one at a time."""
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
         self.path = path
-        with safe_open(str(path), "pt") as h:
-            self.n = len(list(h.keys()))
+        self.n = sum(k != "__metadata__" for k in safetensors_header(path)[1])
 
     @staticmethod
     def write(path: Path, tensors: list[torch.Tensor]) -> "SpilledTensors":
@@ -131,15 +123,13 @@ class SpilledTensors(Sequence):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> torch.Tensor:
         from safetensors import safe_open
 
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(self.n))]
-        if not -self.n <= i < self.n:
+        if not 0 <= i < self.n:
             raise IndexError(i)
         with safe_open(str(self.path), "pt", backend="pread") as h:
-            return h.get_tensor(str(i % self.n))
+            return h.get_tensor(str(i))
 
 
 def _fingerprint(files: WeightFiles, config, recipe, hidden: list[torch.Tensor]) -> str:
@@ -177,7 +167,7 @@ def quantize_streaming(model_dir, recipe, calib=None, out=None, work=None, overw
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from ..models import resolve
-    from .state import write_quant_state
+    from .state import STATE_FILE, write_quant_state
 
     recipe = get_recipe(recipe)
     if out is None:
@@ -188,7 +178,7 @@ def quantize_streaming(model_dir, recipe, calib=None, out=None, work=None, overw
     if recipe.needs_data and calib is None:
         raise LeanLMError(f"recipe '{recipe.name}' calibrates on data: pass calibration data (calib=..., CLI: --calib wiki)")
     path = resolve(model_dir)
-    if (path / "leanlm_quant.json").is_file():
+    if (path / STATE_FILE).is_file():
         raise LeanLMError(f"'{model_dir}' is already quantized: stream-quantize the float model it came from")
     work = Path(work) if work is not None else out.with_name(out.name + ".work")
     files = WeightFiles(path)
@@ -324,19 +314,13 @@ def _save_without_layers(model: nn.Module, layers: nn.ModuleList, path: Path) ->
     tmp.replace(path)
 
 
-def _header(path: Path) -> tuple[int, dict]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return 8 + n, json.loads(f.read(n))
-
-
 def merge_safetensors(dest: Path, sources: list[Path], chunk: int = 1 << 24) -> None:
     """Write one safetensors file holding every tensor of `sources`, copying bytes in chunks (never a
     whole tensor in memory). Tensor names must not repeat."""
     entries, offset = {}, 0
     plan = []
     for src in sources:
-        start, header = _header(src)
+        start, header = safetensors_header(src)
         for name, info in header.items():
             if name == "__metadata__":
                 continue
@@ -375,7 +359,7 @@ def _resume_point(work: Path, fingerprint: str, n_layers: int, hidden: bool) -> 
     try:
         state = json.loads(file.read_text())
     except ValueError:
-        return 0
+        raise LeanLMError(f"'{file}' is unreadable: delete the work folder '{work}' to start over") from None
     if state.get("fingerprint") != fingerprint:
         raise LeanLMError(f"work folder '{work}' holds a streaming run of another model, recipe or calibration set: "
                           "delete it to start over, or resume with the same inputs")

@@ -120,6 +120,7 @@ def distill(student: nn.Module, teacher: nn.Module, train_data: torch.Tensor, co
     """
     import time
 
+    from ..prune.sparsity import sparsity_masks
     from . import distributed as dist
     from .loop import TrainConfig, train
     from .qat import trainable_parameters
@@ -155,16 +156,6 @@ def distill(student: nn.Module, teacher: nn.Module, train_data: torch.Tensor, co
                                "seconds": round(time.perf_counter() - started, 1), "config": asdict(cfg),
                                "distill": asdict(dcfg), "history": history}
     return student
-
-
-def sparsity_masks(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    """Where the trained decoder-layer linear weights are nonzero: the loop masks their gradients, so a
-    pruned (sparse) student keeps its zeros (as `prune.keep_sparsity`, but sharding-proof: by name)."""
-    from ..quant.sequential import decoder_layers
-
-    linear = {id(m.weight) for m in decoder_layers(model).modules() if isinstance(m, nn.Linear)}
-    masks = {n: p.detach() != 0 for n, p in params.items() if id(p) in linear}
-    return {n: m for n, m in masks.items() if not m.all()}
 
 
 def ce_loss_fn(model, ids, index):
