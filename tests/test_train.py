@@ -160,7 +160,8 @@ def _torchrun(cwd: Path, *args: str, check: bool = True) -> subprocess.Completed
                           str(TESTS / "train_script.py"), *args], env=env, cwd=cwd, capture_output=True, text=True,
                          timeout=300)
     if check and run.returncode:
-        raise AssertionError(f"torchrun failed:\n{run.stderr[-3000:]}")
+        tail = run.stderr if len(run.stderr) < 8000 else run.stderr[:3000] + "\n[...]\n" + run.stderr[-5000:]
+        raise AssertionError(f"torchrun failed (exit {run.returncode}):\n{tail}")
     return run
 
 

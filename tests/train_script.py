@@ -71,3 +71,7 @@ if __name__ == "__main__":
     ap.add_argument("--kill-at", type=int, default=None)
     a = ap.parse_args()
     run(a.out, a.micro_batch, a.method, a.fsdp, a.work, a.kill_at)
+    # Nobody leaves while another process still writes or communicates.
+    from leanlm.train import distributed
+
+    distributed.barrier()

@@ -7,6 +7,7 @@ gradient, hence the same update, as a single process running the whole batch.
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -17,8 +18,16 @@ def init_from_env() -> None:
     """Join the process group that `torchrun` / `accelerate launch` describe in the environment (once)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # Left to interpreter teardown, the backend's worker threads can be destroyed while still
+        # joinable, which aborts a process that has finished its work ("terminate called ...").
+        atexit.register(_shutdown)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:
