@@ -15,31 +15,40 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "rows_linear.cpp"
+DECODE_SOURCE = Path(__file__).parent / "csrc" / "decode_step.cpp"
 
 
 ROWS_LINEAR = False  # set by rows_linear_available(); compiled code reads this flag, never builds
 
 
-@functools.cache
-def rows_linear_available() -> bool:
-    """Build (or load the cached build of) the kernel; call it before compiling code that uses it."""
-    global ROWS_LINEAR
+def _build(name: str, source: Path, python_module: bool):
+    """Compile `source` (or load its cached build); raises whatever the toolchain raises."""
     import os
     import shutil
     import sys
 
     if shutil.which("ninja") is None:  # the `ninja` wheel's binary sits beside this interpreter
         os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
-    try:
-        from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import load
 
-        # -fopenmp: at::parallel_for is inlined from headers and runs on one thread without it.
-        load(name="leanlm_rows_linear", sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    # -fopenmp: at::parallel_for is inlined from headers and runs on one thread without it.
+    return load(name=name, sources=[str(source)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], is_python_module=python_module, verbose=False)
+
+
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+@functools.cache
+def rows_linear_available() -> bool:
+    """Build (or load the cached build of) the kernel; call it before compiling code that uses it."""
+    global ROWS_LINEAR
+    try:
+        _build("leanlm_rows_linear", SOURCE, python_module=False)
     except Exception as e:  # noqa: BLE001 - a missing compiler or toolchain: fall back, say so once
-        warnings.warn(f"leanlm's native kernel could not be built ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}); multi-token steps use generic kernels",
-                      stacklevel=2)
+        warnings.warn(f"leanlm's native kernel could not be built ({_why(e)}); multi-token steps use generic "
+                      "kernels", stacklevel=2)
         return False
 
     @torch.library.register_fake("leanlm_kernels::rows_linear")
@@ -53,3 +62,16 @@ def rows_linear_available() -> bool:
 def rows_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x [M, K] float32 @ w[N, K].T`` for M <= 16 (w float32 or bf16), reading `w` once."""
     return torch.ops.leanlm_kernels.rows_linear(x, w)
+
+
+@functools.cache
+def decode_step_module():
+    """The compiled `decode_step` extension (see leanlm/csrc/decode_step.cpp), or the reason it is not
+    usable here (a string: no compiler, or a CPU without AVX512-BF16)."""
+    try:
+        mod = _build("leanlm_decode_step", DECODE_SOURCE, python_module=True)
+    except Exception as e:  # noqa: BLE001 - the engine falls back to its compiled step and reports this
+        return f"the native decode step could not be built ({_why(e)})"
+    if not mod.available():
+        return "the native decode step needs a CPU with AVX512-BF16"
+    return mod

@@ -27,6 +27,7 @@ def test_greedy_matches_transformers_generate(family):
     cases = [(torch.randint(0, 256, (n,), generator=g), new) for n, new in ((1, 12), (5, 30), (17, 9), (40, 24))]
     refs = [hf_greedy(model, p, n) for p, n in cases]  # before the engine switches attention paths
     eng = Engine(model, max_len=96, compile=False)
+    assert (eng.native_error is None) == (family != "gemma3")  # Llama and Qwen2 decode natively
     for (p, n), ref in zip(cases, refs):
         assert eng.generate(p, n).tokens == ref
 
@@ -37,15 +38,16 @@ def test_compiled_greedy_matches_transformers_generate(family):
     g = torch.Generator().manual_seed(2)
     cases = [(torch.randint(0, 256, (n,), generator=g), new) for n, new in ((3, 20), (11, 33), (29, 16))]
     refs = [hf_greedy(model, p, n) for p, n in cases]
-    eng = Engine(model, max_len=96, compile=True)
+    eng = Engine(model, max_len=96, compile=True, native=False)
     for (p, n), ref in zip(cases, refs):
         out = eng.generate(p, n)
         assert out.tokens == ref
     assert eng.compile_error is None and eng.compile_s > 0
 
 
-def test_rollback_then_continue_equals_fresh_run():
-    eng = Engine(tiny_gemma3(), max_len=64, compile=False)  # sliding window 8 < sequence: no ring buffer
+@pytest.mark.parametrize("family", ["gemma3", "llama"])  # sliding window 8 < sequence: no ring buffer; native
+def test_rollback_then_continue_equals_fresh_run(family):
+    eng = Engine(FAMILIES[family](), max_len=64, compile=False)
     prompt = torch.arange(3, 12)
     first = eng.generate(prompt, 20).tokens
     # Roll back into the middle of the generated text, feed a different token, continue greedily.
@@ -125,8 +127,8 @@ def test_compiled_packed_int4_and_int8_decode():
         model = tiny_llama(vocab=256, layers=2)
         leanlm.quantize(model, recipe, progress=False)
         prompt = torch.tensor([4, 8, 15, 16])
-        eager = Engine(copy.deepcopy(model), max_len=48, compile=False).generate(prompt, 16).tokens
-        compiled = Engine(model, max_len=48, compile=True)
+        eager = Engine(copy.deepcopy(model), max_len=48, compile=False, native=False).generate(prompt, 16).tokens
+        compiled = Engine(model, max_len=48, compile=True, native=False)
         out = compiled.generate(prompt, 16)
         assert compiled.compile_error is None
         assert out.tokens == eager

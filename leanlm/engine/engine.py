@@ -15,6 +15,10 @@ attention takes a 4D mask and an explicit `position_ids`: Llama, Qwen2, Gemma-3,
   layer. Models with a quantized KV cache keep their quantizing attention.
 - Linear layers read their stored weights (float, or quantized codes) in one fused pass
   (`leanlm.kernels`).
+- Single-token steps of Llama-family models (float32, bf16, INT8 and INT4 weight-only) run natively:
+  the whole step is one C++ call (`native_step`), with no compilation at all. Other models and
+  formats, and every multi-token step, use the compiled step; both share the cache. `native_error`
+  says why a model decodes without the native step.
 
 Compiled graphs are keyed by the number of tokens per step (1 for decoding, k+1 to verify k
 drafted tokens); inductor's on-disk cache makes a second process's compile much cheaper. If
@@ -89,7 +93,7 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, max_len: int = 2048, compile: bool = True, cpp_wrapper: bool = False,
-                 hidden_layers: tuple[int, ...] = ()):
+                 hidden_layers: tuple[int, ...] = (), native: bool = True):
         from ..quant.linear import QuantLinear
 
         self.model = model.eval()
@@ -130,6 +134,43 @@ class Engine:
         self._compiled_sizes: set[int] = set()
         self.compile_s = 0.0  # total compile time spent by this engine
         self.compile_error: str | None = None
+        self._native = None
+        self.native_error: str | None = "disabled (native=False)"
+        if native:
+            self._native, self.native_error = self._build_native()
+
+    # Largest difference from the model's own logits, relative to their largest magnitude, that the
+    # native step may show on the probe token. A float32 model differs in summation order only; where
+    # bf16 enters (bf16 weights, or the int4/int8 kernels' bf16 activations), the eager model rounds
+    # every intermediate to bf16 (~5% from float32 on SmolLM2) while the native step keeps float32.
+    NATIVE_TOLERANCE = {"float32": 1e-3, "bf16": 0.2}
+
+    def _build_native(self):
+        """(decoder, None), or (None, why not). The decoder must reproduce the model's logits for a probe
+        token before it is used."""
+        from .native_step import Unsupported, build_decoder, check_architecture
+
+        if self.hidden_layers:
+            return None, "the engine keeps hidden states (EAGLE-3 drafting)"
+        try:
+            check_architecture(self.model, self.max_len)
+            with torch.inference_mode():
+                probe = torch.tensor([1])
+                ref, _ = self._step(probe, torch.arange(1), _causal(1), False)  # also allocates the cache
+                decoder = build_decoder(self.model, self.cache, self.max_len)
+                got = decoder.step(1, 0)
+        except Unsupported as e:
+            return None, str(e)
+        finally:
+            self.cache.set_length(0)
+        exact = self.dtype == torch.float32 and not self._quant_linears
+        tol = self.NATIVE_TOLERANCE["float32" if exact else "bf16"]
+        err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+        if not err <= tol:
+            warnings.warn(f"the native decode step disagrees with the model (relative error {err:.2g} > {tol}); "
+                          "decoding through the compiled step", stacklevel=3)
+            return None, f"probe mismatch (relative error {err:.2g})"
+        return decoder, None
 
     @staticmethod
     def _forward_takes_mask_dict(model: nn.Module) -> bool:
@@ -154,6 +195,7 @@ class Engine:
         self._restore_attn, self._fused, self._quant_linears = [], [], []
         self.cache = RollbackCache(self.num_layers, self.max_len)
         self._compiled = None
+        self._native, self.native_error = None, "closed"
 
     def __enter__(self) -> "Engine":
         return self
@@ -225,6 +267,9 @@ class Engine:
         if start + n > self.max_len:
             raise ValueError(f"the engine's cache holds {self.max_len} tokens; {start} + {n} do not fit "
                              "(create the Engine with a larger max_len)")
+        if n == 1 and positions is None and self._native is not None:
+            self.hidden = None
+            return self._native.step(int(ids[0]), start)
         if positions is None:
             positions = torch.arange(start, start + n)
         if tree is None:
@@ -300,6 +345,8 @@ class Engine:
             return 0.0
         before = self.compile_s
         for n in sizes:
+            if n == 1 and self._native is not None:
+                continue  # runs natively: nothing to compile
             self.prefill(torch.zeros(1, dtype=torch.long))
             self.forward(torch.zeros(n, dtype=torch.long))
         self.rollback(0)

@@ -1,0 +1,454 @@
+// One decoding step of a Llama-family decoder (Llama, Mistral, Qwen2) in a single native call.
+//
+// At batch 1 on a CPU a small model's step is ~900 tiny kernels; launching them (even from inductor's
+// C++ wrapper) and the generic int4/int8 kernels' per-call threading cost more than reading the
+// weights. Here a step is one call: every matrix-vector product reads its stored weights once, in
+// whatever form the model keeps them, and dequantizes in registers:
+//   float32 weights: FMA;  bf16 weights and int4 codes: AVX512-BF16 dot products against a bf16 copy
+//   of the activation (what a bf16 model computes);  int8 codes: widened to float32, FMA.
+// INT4 codes 0..15 become exact bf16 numbers 128 + q by OR-ing them into the mantissa of 128.0
+// (0x4300); ``sum (q - 8) x == sum (128 + q) x - 136 sum x``, where ``136 sum x`` is accumulated by the
+// same dot-product instruction, so the subtraction cancels in float32 lane by lane.
+// Activations stay float32 between products; the KV cache is the engine's (float32 or bf16), so
+// compiled multi-token steps and rollbacks share it.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define LEANLM_NATIVE 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+#ifndef PREFETCH
+#define PREFETCH 8192  // bytes ahead of each weight stream: DRAM latency hidden behind the arithmetic
+#endif
+
+enum Kind : int64_t { F32 = 0, BF16 = 1, I8 = 2, I4 = 3 };
+
+inline uint16_t to_bf16(float f) {  // round to nearest even (activations are finite)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float from_bf16(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// A linear layer's stored weight, in one of four forms:
+//   F32  w float [N, K];  BF16 w bf16 [N, K];  I8 w int8 [N, K] with scale float [N];
+//   I4   w uint8 [N, Kp / 2] (per 64-value chunk, byte j = code j | code (j + 32) << 4), scale float
+//        [N, G] and, for asymmetric codes, offset float [N, G]: w = (q - 8) * scale + offset.
+// Optional bias float [N] and smooth float [K] (the input is divided by it: SmoothQuant / AWQ).
+struct Linear {
+  int64_t kind, N, K, Kp, group;
+  torch::Tensor w, scale, offset, bias, smooth;
+  // Scratch: the prepared input (float, bf16, and per-group lane sums for I4).
+  std::vector<float> xf;
+  std::vector<uint16_t> xb;
+  std::vector<float> sum136, sum1;
+
+  Linear(int64_t kind_, torch::Tensor w_, c10::optional<torch::Tensor> scale_, c10::optional<torch::Tensor> offset_,
+         c10::optional<torch::Tensor> bias_, c10::optional<torch::Tensor> smooth_, int64_t in_features, int64_t group_)
+      : kind(kind_), K(in_features), group(group_), w(w_.contiguous()) {
+    N = w.size(0);
+    Kp = kind == I4 ? w.size(1) * 2 : K;
+    TORCH_CHECK(kind >= F32 && kind <= I4, "decode_step: unknown weight kind ", kind);
+    if (kind == F32) TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.size(1) == K, "F32 weight [N, K] float32");
+    if (kind == BF16) TORCH_CHECK(w.scalar_type() == torch::kBFloat16 && w.size(1) == K, "BF16 weight [N, K] bf16");
+    if (kind == I8) {
+      TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.size(1) == K, "I8 weight [N, K] int8");
+      TORCH_CHECK(scale_.has_value() && scale_->numel() == N, "I8 needs a float scale per row");
+      scale = scale_->to(torch::kFloat32).contiguous();
+    }
+    if (kind == I4) {
+      TORCH_CHECK(w.scalar_type() == torch::kUInt8 && group % 64 == 0 && Kp % group == 0 && Kp >= K,
+                  "I4 weight [N, Kp / 2] uint8 with groups of a multiple of 64");
+      TORCH_CHECK(scale_.has_value() && scale_->numel() == N * (Kp / group), "I4 needs a scale per group");
+      scale = scale_->to(torch::kFloat32).contiguous();
+      if (offset_.has_value()) offset = offset_->to(torch::kFloat32).contiguous();
+    }
+    if (bias_.has_value()) bias = bias_->to(torch::kFloat32).contiguous();
+    if (smooth_.has_value()) smooth = smooth_->to(torch::kFloat32).contiguous();
+    const int64_t padded = (Kp + 63) / 64 * 64;
+    xf.assign(padded, 0.f);
+    xb.assign(padded, 0);
+    if (kind == I4) {
+      sum136.assign(Kp / group * 16, 0.f);
+      sum1.assign(Kp / group * 16, 0.f);
+    }
+  }
+
+  // Called once per step before any thread computes rows.
+  void prepare(const float* x) {
+    const float* sm = smooth.defined() ? smooth.data_ptr<float>() : nullptr;
+    for (int64_t k = 0; k < K; ++k) xf[k] = sm ? x[k] / sm[k] : x[k];
+    if (kind == BF16 || kind == I4)
+      for (int64_t k = 0; k < K; ++k) xb[k] = to_bf16(xf[k]);
+#ifdef LEANLM_NATIVE
+    if (kind == I4) {
+      const __m512bh c136 = (__m512bh)_mm512_set1_epi16(0x4308);  // bf16 136.0
+      const __m512bh c1 = (__m512bh)_mm512_set1_epi16(0x3F80);    // bf16 1.0
+      for (int64_t g = 0; g < Kp / group; ++g) {
+        __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb.data() + k);
+          a = _mm512_dpbf16_ps(a, c136, xv);
+          b = _mm512_dpbf16_ps(b, c1, xv);
+        }
+        _mm512_storeu_ps(sum136.data() + g * 16, a);
+        _mm512_storeu_ps(sum1.data() + g * 16, b);
+      }
+    }
+#endif
+  }
+
+#ifdef LEANLM_NATIVE
+  // Cache lines `PREFETCH` bytes ahead of a weight stream at `p` (`lines` of them: the bytes one
+  // iteration reads).
+  template <typename T>
+  static inline void prefetch(const T* p, int lines) {
+    const char* c = reinterpret_cast<const char*>(p) + PREFETCH;
+    for (int i = 0; i < lines; ++i) _mm_prefetch(c + 64 * i, _MM_HINT_T0);
+  }
+
+  // R rows of INT4 codes at once: each input chunk is loaded once for all of them.
+  template <int R>
+  void i4_rows(float* y, int64_t n, const float* bs) const {
+    const int64_t G = Kp / group, stride = Kp / 2;
+    const uint8_t* w0 = w.data_ptr<uint8_t>() + n * stride;
+    const float* s0 = scale.data_ptr<float>() + n * G;
+    const float* o0 = offset.defined() ? offset.data_ptr<float>() + n * G : nullptr;
+    const __m512i low4 = _mm512_set1_epi16(0x000F), base = _mm512_set1_epi16(0x4300);
+    __m512 acc[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 d[R];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) d[r] = _mm512_setzero_ps();
+      for (int64_t k = g * group; k < (g + 1) * group; k += 64) {
+        const __m512bh xlo = (__m512bh)_mm512_loadu_si512(xb.data() + k);
+        const __m512bh xhi = (__m512bh)_mm512_loadu_si512(xb.data() + k + 32);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          prefetch(w0 + r * stride + k / 2, 1);
+          const __m512i raw = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w0 + r * stride + k / 2)));
+          // (raw & 0xF) | 0x4300 and ((raw >> 4) & 0xF) | 0x4300: bf16 128 + code
+          const __m512i lo = _mm512_ternarylogic_epi32(raw, low4, base, 0xEA);
+          const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(raw, 4), low4, base, 0xEA);
+          d[r] = _mm512_dpbf16_ps(d[r], (__m512bh)lo, xlo);
+          d[r] = _mm512_dpbf16_ps(d[r], (__m512bh)hi, xhi);
+        }
+      }
+      const __m512 s136 = _mm512_loadu_ps(sum136.data() + g * 16);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        acc[r] = _mm512_fmadd_ps(_mm512_sub_ps(d[r], s136), _mm512_set1_ps(s0[r * G + g]), acc[r]);
+        if (o0) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(sum1.data() + g * 16), _mm512_set1_ps(o0[r * G + g]), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float o = _mm512_reduce_add_ps(acc[r]);
+      y[n + r] = bs ? o + bs[n + r] : o;
+    }
+  }
+#endif
+
+  // y[n] for n in [n0, n1).
+  void rows(float* y, int64_t n0, int64_t n1) const {
+#ifdef LEANLM_NATIVE
+    const float* bs = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    const int64_t full16 = K / 16 * 16;
+    const __mmask16 tail16 = static_cast<__mmask16>((1u << (K - full16)) - 1u);
+    for (int64_t n = n0; n < n1; ++n) {
+      float out;
+      if (kind == F32) {
+        const float* wr = w.data_ptr<float>() + n * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k + 32 <= K; k += 32) {
+          prefetch(wr + k, 2);
+          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + k), _mm512_loadu_ps(xf.data() + k), a0);
+          a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + k + 16), _mm512_loadu_ps(xf.data() + k + 16), a1);
+        }
+        for (; k < full16; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + k), _mm512_loadu_ps(xf.data() + k), a0);
+        if (k < K) a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail16, wr + k), _mm512_loadu_ps(xf.data() + k), a1);
+        out = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+      } else if (kind == BF16) {
+        const uint16_t* wr = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()) + n * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64) {
+          prefetch(wr + k, 2);
+          a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(wr + k), (__m512bh)_mm512_loadu_si512(xb.data() + k));
+          a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(wr + k + 32),
+                                (__m512bh)_mm512_loadu_si512(xb.data() + k + 32));
+        }
+        for (; k < K; k += 32) {  // the bf16 input is zero-padded: a masked weight load is enough
+          const __mmask32 m = K - k >= 32 ? ~0u : static_cast<__mmask32>((1ull << (K - k)) - 1u);
+          a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(m, wr + k),
+                                (__m512bh)_mm512_loadu_si512(xb.data() + k));
+        }
+        out = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+      } else if (kind == I8) {
+        const int8_t* wr = w.data_ptr<int8_t>() + n * K;
+        __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64) {  // four FMA chains in flight
+          prefetch(wr + k, 1);
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; ++j)
+            a[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wr + k + 16 * j)))),
+                                   _mm512_loadu_ps(xf.data() + k + 16 * j), a[j]);
+        }
+        for (; k < K; k += 16) {
+          const __mmask16 m = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : tail16;
+          const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, wr + k)));
+          a[0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xf.data() + k), a[0]);
+        }
+        out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]))) *
+              scale.data_ptr<float>()[n];
+      } else {  // I4
+        const int64_t nr = std::min<int64_t>(4, n1 - n);
+        if (nr == 4) i4_rows<4>(y, n, bs); else if (nr == 3) i4_rows<3>(y, n, bs);
+        else if (nr == 2) i4_rows<2>(y, n, bs); else i4_rows<1>(y, n, bs);
+        n += nr - 1;
+        continue;
+      }
+      y[n] = bs ? out + bs[n] : out;
+    }
+#else
+    TORCH_CHECK(false, "decode_step was built without AVX512-BF16");
+#endif
+  }
+};
+
+// Products of several linears sharing one pass of the thread pool (q/k/v, gate/up).
+void run(std::vector<std::pair<Linear*, float*>> jobs, const float* x) {
+  int64_t total = 0;
+  for (auto& j : jobs) {
+    j.first->prepare(x);
+    total += j.first->N;
+  }
+  at::parallel_for(0, total, 16, [&](int64_t r0, int64_t r1) {
+    int64_t base = 0;
+    for (auto& j : jobs) {
+      const int64_t a = std::max(r0, base), b = std::min(r1, base + j.first->N);
+      if (a < b) j.first->rows(j.second, a - base, b - base);
+      base += j.first->N;
+    }
+  });
+}
+
+void rms_norm(const float* x, const float* w, float* out, int64_t n, double eps) {
+  double ss = 0;
+  for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+  const float r = static_cast<float>(1.0 / std::sqrt(ss / n + eps));
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
+}
+
+struct Layer {
+  torch::Tensor ln1, ln2;  // float32
+  std::shared_ptr<Linear> q, k, v, o, gate, up, down;
+  torch::Tensor keys, values;  // the engine's cache [1, KVH, max_len, D], float32 or bf16
+  torch::Tensor length;        // the layer's cumulative length (0-dim int64), advanced by a step
+};
+
+class Decoder {
+ public:
+  Decoder(torch::Tensor embed, torch::Tensor norm, std::shared_ptr<Linear> head, torch::Tensor cos,
+          torch::Tensor sin, double eps, int64_t heads, int64_t kv_heads, int64_t head_dim, double scaling)
+      : embed_(embed.contiguous()), norm_(norm.to(torch::kFloat32).contiguous()), head_(std::move(head)),
+        cos_(cos.to(torch::kFloat32).contiguous()), sin_(sin.to(torch::kFloat32).contiguous()), eps_(eps),
+        H_(heads), KVH_(kv_heads), D_(head_dim), scaling_(scaling) {
+    TORCH_CHECK(embed_.scalar_type() == torch::kFloat32 || embed_.scalar_type() == torch::kBFloat16,
+                "decode_step: the embedding must be float32 or bf16");
+    TORCH_CHECK(cos_.size(1) == D_ && sin_.sizes() == cos_.sizes(), "decode_step: rotary tables [max_len, head_dim]");
+    TORCH_CHECK(D_ % 16 == 0 && H_ % KVH_ == 0, "decode_step: head_dim a multiple of 16, heads a multiple of kv heads");
+    hidden_ = embed_.size(1);
+  }
+
+  void add_layer(torch::Tensor ln1, torch::Tensor ln2, std::shared_ptr<Linear> q, std::shared_ptr<Linear> k,
+                 std::shared_ptr<Linear> v, std::shared_ptr<Linear> o, std::shared_ptr<Linear> gate,
+                 std::shared_ptr<Linear> up, std::shared_ptr<Linear> down, torch::Tensor keys, torch::Tensor values,
+                 torch::Tensor length) {
+    TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.dim() == 4 && keys.size(1) == KVH_ &&
+                    keys.size(3) == D_ && keys.sizes() == values.sizes() && keys.size(2) <= cos_.size(0),
+                "decode_step: cache tensors [1, kv_heads, max_len, head_dim]");
+    TORCH_CHECK(keys.scalar_type() == torch::kFloat32 || keys.scalar_type() == torch::kBFloat16,
+                "decode_step: the KV cache must be float32 or bf16");
+    TORCH_CHECK(q->N == H_ * D_ && k->N == KVH_ * D_ && v->N == KVH_ * D_ && o->K == H_ * D_ &&
+                    gate->N == up->N && down->K == gate->N && q->K == hidden_ && o->N == hidden_ &&
+                    down->N == hidden_,
+                "decode_step: layer shapes disagree with the model's");
+    layers_.push_back({ln1.to(torch::kFloat32).contiguous(), ln2.to(torch::kFloat32).contiguous(), q, k, v, o,
+                       gate, up, down, keys, values, length});
+  }
+
+  // Logits [1, vocab] (float32) of `token` at position `pos`, whose keys and values are written at `pos`.
+  torch::Tensor step(int64_t token, int64_t pos) {
+    TORCH_CHECK(!layers_.empty(), "decode_step: no layers");
+    TORCH_CHECK(pos >= 0 && pos < layers_[0].keys.size(2), "decode_step: position ", pos, " outside the cache");
+    TORCH_CHECK(token >= 0 && token < embed_.size(0), "decode_step: token ", token, " outside the vocabulary");
+    const int64_t Hd = hidden_, inter = layers_[0].gate->N;
+    std::vector<float> h(Hd), x(Hd), q(H_ * D_), k(KVH_ * D_), v(KVH_ * D_), att(H_ * D_), tmp(Hd),
+        g(inter), u(inter);
+    if (embed_.scalar_type() == torch::kFloat32) {
+      std::memcpy(h.data(), embed_.data_ptr<float>() + token * Hd, Hd * sizeof(float));
+    } else {
+      const uint16_t* e = reinterpret_cast<const uint16_t*>(embed_.data_ptr<at::BFloat16>()) + token * Hd;
+      for (int64_t i = 0; i < Hd; ++i) h[i] = from_bf16(e[i]);
+    }
+    const float* cs = cos_.data_ptr<float>() + pos * D_;
+    const float* sn = sin_.data_ptr<float>() + pos * D_;
+    for (auto& L : layers_) {
+      rms_norm(h.data(), L.ln1.data_ptr<float>(), x.data(), Hd, eps_);
+      run({{L.q.get(), q.data()}, {L.k.get(), k.data()}, {L.v.get(), v.data()}}, x.data());
+      rope(q.data(), H_, cs, sn);
+      rope(k.data(), KVH_, cs, sn);
+      store(L, k.data(), v.data(), pos);
+      attend(L, q.data(), att.data(), pos + 1);
+      run({{L.o.get(), tmp.data()}}, att.data());
+      for (int64_t i = 0; i < Hd; ++i) h[i] += tmp[i];
+      rms_norm(h.data(), L.ln2.data_ptr<float>(), x.data(), Hd, eps_);
+      run({{L.gate.get(), g.data()}, {L.up.get(), u.data()}}, x.data());
+      for (int64_t i = 0; i < inter; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+      run({{L.down.get(), tmp.data()}}, g.data());
+      for (int64_t i = 0; i < Hd; ++i) h[i] += tmp[i];
+      *L.length.data_ptr<int64_t>() = pos + 1;
+    }
+    rms_norm(h.data(), norm_.data_ptr<float>(), x.data(), Hd, eps_);
+    auto logits = torch::empty({1, head_->N}, torch::kFloat32);
+    run({{head_.get(), logits.data_ptr<float>()}}, x.data());
+    return logits;
+  }
+
+ private:
+  // transformers' rotate_half convention: pairs (i, i + D/2).
+  void rope(float* t, int64_t heads, const float* cs, const float* sn) const {
+    const int64_t half = D_ / 2;
+    for (int64_t hh = 0; hh < heads; ++hh) {
+      float* r = t + hh * D_;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = r[i], b = r[i + half];
+        r[i] = a * cs[i] - b * sn[i];
+        r[i + half] = b * cs[i + half] + a * sn[i + half];
+      }
+    }
+  }
+
+  void store(Layer& L, const float* k, const float* v, int64_t pos) const {
+    const int64_t T = L.keys.size(2);
+    for (int64_t hh = 0; hh < KVH_; ++hh) {
+      const int64_t off = (hh * T + pos) * D_;
+      if (L.keys.scalar_type() == torch::kFloat32) {
+        std::memcpy(L.keys.data_ptr<float>() + off, k + hh * D_, D_ * sizeof(float));
+        std::memcpy(L.values.data_ptr<float>() + off, v + hh * D_, D_ * sizeof(float));
+      } else {
+        uint16_t* kd = reinterpret_cast<uint16_t*>(L.keys.data_ptr<at::BFloat16>()) + off;
+        uint16_t* vd = reinterpret_cast<uint16_t*>(L.values.data_ptr<at::BFloat16>()) + off;
+        for (int64_t i = 0; i < D_; ++i) {
+          kd[i] = to_bf16(k[hh * D_ + i]);
+          vd[i] = to_bf16(v[hh * D_ + i]);
+        }
+      }
+    }
+  }
+
+#ifdef LEANLM_NATIVE
+  static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+  static inline __m512 load16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  }
+
+  // Softmax attention of every query head over cached positions [0, n) (head_dim a multiple of 16).
+  template <typename T>
+  void attend_as(const T* keys, const T* values, int64_t T_len, const float* q, float* out, int64_t n) const {
+    const int64_t per_kv = H_ / KVH_;
+    at::parallel_for(0, H_, 1, [&](int64_t h0, int64_t h1) {
+      std::vector<float> s(n);
+      for (int64_t hh = h0; hh < h1; ++hh) {
+        const int64_t base = (hh / per_kv) * T_len * D_;
+        const float* qh = q + hh * D_;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < n; ++t) {
+          const T* kr = keys + base + t * D_;
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t i = 0; i < D_; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), load16(kr + i), acc);
+          s[t] = _mm512_reduce_add_ps(acc) * static_cast<float>(scaling_);
+          mx = std::max(mx, s[t]);
+        }
+        float total = 0.f;
+        for (int64_t t = 0; t < n; ++t) total += (s[t] = std::exp(s[t] - mx));
+        float* oh = out + hh * D_;
+        for (int64_t i = 0; i < D_; i += 16) {
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t t = 0; t < n; ++t)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(s[t]), load16(values + base + t * D_ + i), acc);
+          _mm512_storeu_ps(oh + i, _mm512_div_ps(acc, _mm512_set1_ps(total)));
+        }
+      }
+    });
+  }
+#endif
+
+  void attend(Layer& L, const float* q, float* out, int64_t n) const {
+#ifdef LEANLM_NATIVE
+    const int64_t T_len = L.keys.size(2);
+    if (L.keys.scalar_type() == torch::kFloat32) {
+      attend_as(L.keys.data_ptr<float>(), L.values.data_ptr<float>(), T_len, q, out, n);
+    } else {
+      attend_as(reinterpret_cast<const uint16_t*>(L.keys.data_ptr<at::BFloat16>()),
+                reinterpret_cast<const uint16_t*>(L.values.data_ptr<at::BFloat16>()), T_len, q, out, n);
+    }
+#endif
+  }
+
+  torch::Tensor embed_, norm_;
+  std::shared_ptr<Linear> head_;
+  torch::Tensor cos_, sin_;
+  double eps_;
+  int64_t H_, KVH_, D_, hidden_;
+  double scaling_;
+  std::vector<Layer> layers_;
+};
+
+bool available() {
+#ifdef LEANLM_NATIVE
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("available", &available, "whether this build has the AVX512-BF16 kernels");
+  pybind11::class_<Linear, std::shared_ptr<Linear>>(m, "Linear")
+      .def(pybind11::init<int64_t, torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>,
+                          c10::optional<torch::Tensor>, c10::optional<torch::Tensor>, int64_t, int64_t>())
+      .def("forward", [](Linear& l, torch::Tensor x) {  // one input row: tests and the engine's probe
+        TORCH_CHECK(x.dim() == 1 && x.size(0) == l.K, "Linear.forward: x [K]");
+        auto xc = x.to(torch::kFloat32).contiguous();
+        auto y = torch::empty({l.N}, torch::kFloat32);
+        run({{&l, y.data_ptr<float>()}}, xc.data_ptr<float>());
+        return y;
+      });
+  pybind11::class_<Decoder>(m, "Decoder")
+      .def(pybind11::init<torch::Tensor, torch::Tensor, std::shared_ptr<Linear>, torch::Tensor, torch::Tensor, double,
+                          int64_t, int64_t, int64_t, double>())
+      .def("add_layer", &Decoder::add_layer)
+      .def("step", &Decoder::step, pybind11::call_guard<pybind11::gil_scoped_release>());
+}
