@@ -5,9 +5,9 @@
     .venv/bin/python bench/decode.py --models smollm2-135m --no-peers   # ours + HF generate only
 
 Every variant runs in its own process (torchao's in its venv, bench/peers/setup.sh torchao). The
-bound is bytes of weights read per decoded token / read bandwidth, where the bandwidth is the best
-large-array read measured in this run (before every variant and at the end: on a shared machine a
-single reading can be a third low, so the bound uses the best and the table shows the spread). Writes a table to stdout and JSON to bench/results/decode.json.
+bound is bytes of weights read per decoded token / read bandwidth, where the bandwidth is a
+large-array read measured just before and just after the variant (the better of the two: on this
+shared machine it drifts by 1.5x within minutes); '% best' divides by the run's best reading instead. Writes a table to stdout and JSON to bench/results/decode.json.
 """
 
 from __future__ import annotations
@@ -164,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from leanlm.eval.bandwidth import measure_read_bandwidth
     from leanlm.models import prepare
 
     variants = chosen_variants(ap, args.variants, VARIANTS)
@@ -175,46 +174,67 @@ def main(argv: list[str] | None = None) -> int:
         ids = prompt_ids(AutoTokenizer.from_pretrained(folder), args.prompt_tokens)
         common = ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--prompt-ids", json.dumps(ids)]
         ours = common + (["--python-wrapper"] if args.python_wrapper else [])
-        bws = [measure_read_bandwidth()]
         rows = []
         for v in variants:
             print(f"[{name}] leanlm {v} ...", flush=True)
-            bws.append(measure_read_bandwidth())
-            rows.append(spawn([sys.executable, __file__, "--one", v, "--model", folder] + ours, f"leanlm {v}"))
+            rows.append(bracketed(lambda: spawn([sys.executable, __file__, "--one", v, "--model", folder] + ours,
+                                                f"leanlm {v}")))
             rows[-1].setdefault("toolkit", "leanlm")
             rows[-1].setdefault("variant", v)
         for v in [v for v in HF_VARIANTS if v in variants]:
             print(f"[{name}] transformers generate {v} ...", flush=True)
-            bws.append(measure_read_bandwidth())
-            rows.append(spawn([sys.executable, __file__, "--one", v, "--hf", "--model", folder] + common,
-                              f"generate {v}"))
+            rows.append(bracketed(lambda: spawn([sys.executable, __file__, "--one", v, "--hf", "--model", folder]
+                                                + common, f"generate {v}")))
             rows[-1].setdefault("toolkit", "transformers generate")
             rows[-1].setdefault("variant", v)
         if not args.no_peers:
             for v in [v for v in TORCHAO_VARIANTS if v in variants]:
                 print(f"[{name}] torchao {v} ...", flush=True)
-                bws.append(measure_read_bandwidth())
                 if not torchao_py.exists():
                     rows.append({"toolkit": "torchao", "variant": v,
                                  "error": "bench/peers/.venv-torchao missing: run bench/peers/setup.sh torchao"})
                     continue
-                rows.append(spawn([str(torchao_py), str(PEERS / "torchao_decode.py"), "--variant", v,
-                                   "--model", folder] + common, f"torchao {v}"))
+                rows.append(bracketed(lambda: spawn([str(torchao_py), str(PEERS / "torchao_decode.py"), "--variant",
+                                                     v, "--model", folder] + common, f"torchao {v}")))
                 rows[-1].setdefault("toolkit", "torchao")
                 rows[-1].setdefault("variant", v)
-        bws.append(measure_read_bandwidth())
-        bw = max(bws)
+        bws = add_bounds(rows)
         hf32 = next((r.get("decode_tokens_per_s") for r in rows
                      if r["toolkit"] == "transformers generate" and r["variant"] == "float32"), None)
         for r in rows:
-            if r.get("decode_tokens_per_s") and r.get("weight_bytes_per_token"):
-                r["bound_tokens_per_s"] = bw / r["weight_bytes_per_token"]
-                r["fraction_of_bound"] = r["decode_tokens_per_s"] / r["bound_tokens_per_s"]
-                if hf32:
-                    r["vs_generate_float32"] = r["decode_tokens_per_s"] / hf32
+            if hf32 and r.get("decode_tokens_per_s"):
+                r["vs_generate_float32"] = r["decode_tokens_per_s"] / hf32
         report["models"][name] = {"read_bandwidth_bytes_per_s": bws, "rows": rows}
         print(format_table(name, bws, rows), flush=True)
     return write_report(args.out, report)
+
+
+def bracketed(run) -> dict:
+    """`run()`'s result row, with the read bandwidth measured just before and just after it.
+
+    This machine's read bandwidth drifts by 1.5x within minutes (31..57 GB/s seen in one run), so a
+    variant's bound uses the readings of its own moment; the run's best reading gives a second,
+    stricter fraction."""
+    from leanlm.eval.bandwidth import measure_read_bandwidth
+
+    before = measure_read_bandwidth()
+    row = run()
+    row["read_bandwidth_bytes_per_s"] = [before, measure_read_bandwidth()]
+    return row
+
+
+def add_bounds(rows: list[dict]) -> list[float]:
+    """Each measured row's bound (bytes of weights per token / the better of its own two bandwidth
+    readings) and fractions of it and of the run's best reading; returns every reading."""
+    readings = [b for r in rows for b in r.get("read_bandwidth_bytes_per_s", [])]
+    best = max(readings, default=float("nan"))
+    for r in rows:
+        if r.get("error") or not r.get("weight_bytes_per_token"):
+            continue
+        r["bound_tokens_per_s"] = max(r["read_bandwidth_bytes_per_s"]) / r["weight_bytes_per_token"]
+        r["fraction_of_bound"] = r["decode_tokens_per_s"] / r["bound_tokens_per_s"]
+        r["fraction_of_best_bound"] = r["decode_tokens_per_s"] * r["weight_bytes_per_token"] / best
+    return readings
 
 
 def write_report(path: str, report: dict) -> int:
@@ -227,13 +247,16 @@ def write_report(path: str, report: dict) -> int:
 
 
 def table_title(name: str, bws: list[float], note: str = "") -> str:
+    if not bws:
+        return f"\n{name}: no bandwidth readings (every variant failed){note}"
     return (f"\n{name}: read bandwidth {min(bws) / 1e9:.1f}..{max(bws) / 1e9:.1f} GB/s over {len(bws)} readings "
-            f"(the bound uses the best){note}")
+            f"(a row's bound uses the readings just before and after it; '% best' the run's best){note}")
 
 
 def format_table(name: str, bws: list[float], rows: list[dict]) -> str:
     lines = [table_title(name, bws),
              f"{'toolkit':<22} {'variant':<10} {'MB/token':>9} {'decode tok/s':>13} {'bound':>7} {'% bound':>8} "
+             f"{'% best':>7} "
              f"{'x generate fp32':>16} {'TTFT ms':>8} {'compile s':>10}"]
     for r in rows:
         if r.get("error"):
@@ -242,6 +265,7 @@ def format_table(name: str, bws: list[float], rows: list[dict]) -> str:
         lines.append(f"{r['toolkit']:<22} {r['variant']:<10} {r['weight_bytes_per_token'] / 1e6:>9.1f} "
                      f"{r['decode_tokens_per_s']:>13.1f} {r.get('bound_tokens_per_s', float('nan')):>7.1f} "
                      f"{100 * r.get('fraction_of_bound', float('nan')):>7.0f}% "
+                     f"{100 * r.get('fraction_of_best_bound', float('nan')):>6.0f}% "
                      f"{r.get('vs_generate_float32', float('nan')):>15.2f}x {1e3 * r.get('ttft_s', float('nan')):>8.0f} "
                      f"{r.get('compile_s', 0.0):>10.1f}")
     return "\n".join(lines)

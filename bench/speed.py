@@ -7,7 +7,8 @@ Every leanlm variant is quantized once and saved (bench/work/speed/), then measu
 process the way a user runs it: ``leanlm.load(folder)`` gives the packed model (int4 / int8 / W8A8
 kernels, no float copies) and the decode engine generates from it. Resident memory is the process's
 RSS after loading and one forward pass (every weight touched) minus its RSS before loading (Python,
-torch and transformers themselves excluded); the RSS after compiling and generating is reported too. Perplexity of each packed model is compared with its fake-quant twin (the
+torch, transformers and the code a load imports excluded: each process loads the model once, frees it
+and measures a second load); the RSS after compiling and generating is reported too. Perplexity of each packed model is compared with its fake-quant twin (the
 same saved folder loaded unpacked, in float32: the reference semantics). Quantized variants quantize
 every linear layer, lm_head included as torchao's `quantize_` does by default (INT8 per channel in
 the INT4 variants: a 4-bit output layer costs small models several perplexity points); the
@@ -15,7 +16,8 @@ embedding stays bf16.
 
 Peers in the same run: torchao's int8 and int4 weight-only paths (bench/peers/setup.sh torchao) and
 llama.cpp on leanlm's GGUF export (bench/peers/setup.sh llamacpp, built from source). The bound is
-bytes of weights read per token / the best large-array read bandwidth measured in this run.
+bytes of weights read per token / the large-array read bandwidth measured just before and after the
+variant (see bench/decode.py).
 Writes a table to stdout and JSON to bench/results/speed.json.
 """
 
@@ -30,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from decode import (add_child_args, bench_parser, chosen_variants, prompt_ids, report_header,  # noqa: E402
-                    spawn, table_title, write_report)
+from decode import (add_bounds, add_child_args, bench_parser, bracketed, chosen_variants, prompt_ids,  # noqa: E402
+                    report_header, spawn, table_title, write_report)
 
 RESULTS = ROOT / "bench" / "results"
 PEERS = ROOT / "bench" / "peers"
@@ -78,6 +80,18 @@ def saved_variant(model: str, variant: str) -> Path:
     return out
 
 
+def settle_memory() -> None:
+    """Free what is unreachable, drop leanlm's layout caches and hand the freed heap back to the OS."""
+    import gc
+
+    from leanlm.kernels import _int4_layout
+    from leanlm.memory import release_free_memory
+
+    gc.collect()
+    _int4_layout.cache_clear()
+    release_free_memory()
+
+
 def run_ours(args) -> dict:
     import gc
 
@@ -91,7 +105,13 @@ def run_ours(args) -> dict:
     _, dtype = VARIANTS[args.one]
     dtype = getattr(torch, dtype)
     ids = torch.tensor(json.loads(args.prompt_ids))
-    gc.collect()
+    # Code imported on first use (transformers' model classes, tokenizers, leanlm's kernels) is not the
+    # model: load it once and free it, then measure a second load from a settled heap.
+    warm, _ = leanlm.load(args.model, dtype=dtype)
+    with torch.inference_mode():
+        warm(ids[None])
+    del warm, _
+    settle_memory()
     rss0 = resident_bytes()
     model, tok = leanlm.load(args.model, dtype=dtype)
     with torch.inference_mode():
@@ -149,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from leanlm.eval.bandwidth import measure_read_bandwidth
     from leanlm.models import prepare
 
     variants = chosen_variants(ap, args.variants, VARIANTS)
@@ -160,35 +179,37 @@ def main(argv: list[str] | None = None) -> int:
         folder = str(prepare(name))
         ids = prompt_ids(AutoTokenizer.from_pretrained(folder), args.prompt_tokens)
         common = ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--prompt-ids", json.dumps(ids)]
-        bws, rows = [measure_read_bandwidth()], []
+        rows = []
         for v in variants:
             print(f"[{name}] leanlm {v} ...", flush=True)
             saved = saved_variant(folder, v)
-            bws.append(measure_read_bandwidth())
-            _row(rows, spawn([sys.executable, __file__, "--one", v, "--model", str(saved),
-                              "--ppl-tokens", str(args.ppl_tokens)] + common, f"leanlm {v}"), "leanlm", v)
+            _row(rows, bracketed(lambda: spawn([sys.executable, __file__, "--one", v, "--model", str(saved),
+                                                "--ppl-tokens", str(args.ppl_tokens)] + common, f"leanlm {v}")),
+                 "leanlm", v)
         if not args.no_peers:
             for v in [v for v in args.torchao_variants.split(",") if v]:
                 print(f"[{name}] torchao {v} ...", flush=True)
-                bws.append(measure_read_bandwidth())
                 res = ({"error": "bench/peers/.venv-torchao missing: run bench/peers/setup.sh torchao"}
                        if not torchao_py.exists() else
-                       spawn([str(torchao_py), str(PEERS / "torchao_decode.py"), "--variant", v, "--model", folder]
-                             + common, f"torchao {v}"))
+                       bracketed(lambda: spawn([str(torchao_py), str(PEERS / "torchao_decode.py"), "--variant", v,
+                                                "--model", folder] + common, f"torchao {v}")))
                 _row(rows, res, "torchao", v)
             for qtype, source in LLAMACPP_VARIANTS.items():
                 print(f"[{name}] llama.cpp {qtype} ...", flush=True)
-                res = _llamacpp(llamacpp_py, folder, qtype, source, common)
-                bws.append(measure_read_bandwidth())
+                gguf = _gguf(llamacpp_py, folder, qtype, source)
+                res = gguf if isinstance(gguf, dict) else bracketed(lambda: spawn(
+                    [str(llamacpp_py), str(PEERS / "llamacpp_decode.py"), "--gguf", str(gguf), "--variant", qtype]
+                    + common, f"llama.cpp {qtype}"))
                 _row(rows, res, "llama.cpp", qtype)
-        bws.append(measure_read_bandwidth())
-        _ratios(rows, max(bws))
+        bws = add_bounds(rows)
+        _ratios(rows)
         report["models"][name] = {"read_bandwidth_bytes_per_s": bws, "rows": rows}
         print(format_table(name, bws, rows), flush=True)
     return write_report(args.out, report)
 
 
-def _llamacpp(py: Path, folder: str, qtype: str, source: str, common: list[str]) -> dict:
+def _gguf(py: Path, folder: str, qtype: str, source: str) -> Path | dict:
+    """The GGUF export llama.cpp decodes (written once), or an error row."""
     if not py.exists():
         return {"error": "bench/peers/.venv-llamacpp missing: run bench/peers/setup.sh llamacpp"}
     out = WORK / Path(folder).name / f"gguf-{qtype}"
@@ -198,19 +219,16 @@ def _llamacpp(py: Path, folder: str, qtype: str, source: str, common: list[str])
                            capture_output=True, text=True)
         if p.returncode:
             return {"error": f"gguf export failed: {(p.stderr or p.stdout).strip().splitlines()[-1][:300]}"}
-    return spawn([str(py), str(PEERS / "llamacpp_decode.py"), "--gguf", str(out / "model.gguf"), "--variant", qtype]
-                 + common, f"llama.cpp {qtype}")
+    return out / "model.gguf"
 
 
-def _ratios(rows: list[dict], bw: float) -> None:
-    """Bandwidth bound, and ratios against leanlm float32 and torchao's int4 of the same group size."""
+def _ratios(rows: list[dict]) -> None:
+    """Ratios against leanlm float32 and torchao's int4 of the same group size."""
     ours = {r["variant"]: r for r in rows if r["toolkit"] == "leanlm" and not r.get("error")}
     f32 = ours.get("float32", {})
     for r in rows:
         if r.get("error"):
             continue
-        r["bound_tokens_per_s"] = bw / r["weight_bytes_per_token"]
-        r["fraction_of_bound"] = r["decode_tokens_per_s"] / r["bound_tokens_per_s"]
         if f32.get("decode_tokens_per_s"):
             r["decode_vs_float32"] = r["decode_tokens_per_s"] / f32["decode_tokens_per_s"]
             r["resident_vs_float32"] = r.get("resident_bytes", float("nan")) / f32["resident_bytes"]

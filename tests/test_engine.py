@@ -10,6 +10,7 @@ from tiny import tiny_gemma3, tiny_llama, tiny_qwen2
 import leanlm
 from leanlm.engine import Engine, sample
 from leanlm.eval.bandwidth import weight_bytes_per_token
+from leanlm.native import decode_step_module
 
 FAMILIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gemma3": tiny_gemma3}
 
@@ -27,7 +28,8 @@ def test_greedy_matches_transformers_generate(family):
     cases = [(torch.randint(0, 256, (n,), generator=g), new) for n, new in ((1, 12), (5, 30), (17, 9), (40, 24))]
     refs = [hf_greedy(model, p, n) for p, n in cases]  # before the engine switches attention paths
     eng = Engine(model, max_len=96, compile=False)
-    assert (eng.native_error is None) == (family != "gemma3")  # Llama and Qwen2 decode natively
+    if not isinstance(decode_step_module(), str):  # all three decode natively (on an AVX512-BF16 CPU)
+        assert eng.native_error is None
     for (p, n), ref in zip(cases, refs):
         assert eng.generate(p, n).tokens == ref
 

@@ -108,8 +108,26 @@ def test_formats_without_native_kernels_say_why(recipe, why):
 
 
 def test_other_architectures_and_hidden_states_use_the_compiled_step():
-    assert "gemma3" in Engine(tiny_gemma3(), max_len=32, compile=False).native_error
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from leanlm.engine.native_step import Unsupported, check_architecture
+
+    with pytest.raises(Unsupported, match="model type 'gpt2'"):
+        check_architecture(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=4)), 32)
+    capped = tiny_gemma3()
+    capped.config.final_logit_softcapping = 30.0
+    assert "final logit softcapping" in Engine(capped, max_len=32, compile=False).native_error
     assert "hidden states" in Engine(tiny_llama(), max_len=32, compile=False, hidden_layers=(1,)).native_error
+
+
+def test_gemma3_sliding_window_layers_decode_natively_past_the_window():
+    model = tiny_gemma3(sliding_window=8)  # two sliding layers, one full: 40 positions cross the window
+    prompt = torch.arange(3, 12)
+    ref = Engine(model, max_len=64, compile=False, native=False)
+    eng = Engine(model, max_len=64, compile=False)
+    assert eng.native_error is None
+    extra = list(range(20, 50))
+    torch.testing.assert_close(_logits(eng, prompt, extra), _logits(ref, prompt, extra), rtol=1e-4, atol=1e-4)
 
 
 def test_a_disagreeing_native_step_is_not_used(monkeypatch):

@@ -1,4 +1,4 @@
-// One decoding step of a Llama-family decoder (Llama, Mistral, Qwen2) in a single native call.
+// One decoding step of a Llama-family (Llama, Mistral, Qwen2) or Gemma-3 decoder in a single native call.
 //
 // At batch 1 on a CPU a small model's step is ~900 tiny kernels; launching them (even from inductor's
 // C++ wrapper) and the generic int4/int8 kernels' per-call threading cost more than reading the
@@ -26,7 +26,7 @@
 namespace {
 
 #ifndef PREFETCH
-#define PREFETCH 8192  // bytes ahead of each weight stream: DRAM latency hidden behind the arithmetic
+#define PREFETCH 4096  // bytes ahead of each weight stream: DRAM latency hidden behind the arithmetic
 #endif
 
 enum Kind : int64_t { F32 = 0, BF16 = 1, I8 = 2, I4 = 3 };
@@ -259,41 +259,52 @@ void rms_norm(const float* x, const float* w, float* out, int64_t n, double eps)
 }
 
 struct Layer {
-  torch::Tensor ln1, ln2;  // float32
+  // Norm weights as multipliers (Gemma's 1 + w already added), float32; the optional ones are Gemma's.
+  torch::Tensor ln1, ln2, post_attn, post_ffn, q_norm, k_norm;
   std::shared_ptr<Linear> q, k, v, o, gate, up, down;
   torch::Tensor keys, values;  // the engine's cache [1, KVH, max_len, D], float32 or bf16
   torch::Tensor length;        // the layer's cumulative length (0-dim int64), advanced by a step
+  torch::Tensor cos, sin;      // rotary tables [max_len, D] of this layer's attention type
+  int64_t window;              // sliding window (0: full attention)
 };
+
+torch::Tensor f32(const c10::optional<torch::Tensor>& t) {
+  return t.has_value() ? t->to(torch::kFloat32).contiguous() : torch::Tensor();
+}
 
 class Decoder {
  public:
-  Decoder(torch::Tensor embed, torch::Tensor norm, std::shared_ptr<Linear> head, torch::Tensor cos,
-          torch::Tensor sin, double eps, int64_t heads, int64_t kv_heads, int64_t head_dim, double scaling)
-      : embed_(embed.contiguous()), norm_(norm.to(torch::kFloat32).contiguous()), head_(std::move(head)),
-        cos_(cos.to(torch::kFloat32).contiguous()), sin_(sin.to(torch::kFloat32).contiguous()), eps_(eps),
-        H_(heads), KVH_(kv_heads), D_(head_dim), scaling_(scaling) {
+  Decoder(torch::Tensor embed, double embed_scale, torch::Tensor norm, std::shared_ptr<Linear> head, double eps,
+          int64_t heads, int64_t kv_heads, int64_t head_dim, double scaling, int64_t act)
+      : embed_(embed.contiguous()), embed_scale_(embed_scale), norm_(norm.to(torch::kFloat32).contiguous()),
+        head_(std::move(head)), eps_(eps), H_(heads), KVH_(kv_heads), D_(head_dim), scaling_(scaling), act_(act) {
     TORCH_CHECK(embed_.scalar_type() == torch::kFloat32 || embed_.scalar_type() == torch::kBFloat16,
                 "decode_step: the embedding must be float32 or bf16");
-    TORCH_CHECK(cos_.size(1) == D_ && sin_.sizes() == cos_.sizes(), "decode_step: rotary tables [max_len, head_dim]");
     TORCH_CHECK(D_ % 16 == 0 && H_ % KVH_ == 0, "decode_step: head_dim a multiple of 16, heads a multiple of kv heads");
+    TORCH_CHECK(act_ == 0 || act_ == 1, "decode_step: activation 0 (silu) or 1 (gelu tanh)");
     hidden_ = embed_.size(1);
   }
 
-  void add_layer(torch::Tensor ln1, torch::Tensor ln2, std::shared_ptr<Linear> q, std::shared_ptr<Linear> k,
+  void add_layer(torch::Tensor ln1, torch::Tensor ln2, c10::optional<torch::Tensor> post_attn,
+                 c10::optional<torch::Tensor> post_ffn, c10::optional<torch::Tensor> q_norm,
+                 c10::optional<torch::Tensor> k_norm, std::shared_ptr<Linear> q, std::shared_ptr<Linear> k,
                  std::shared_ptr<Linear> v, std::shared_ptr<Linear> o, std::shared_ptr<Linear> gate,
                  std::shared_ptr<Linear> up, std::shared_ptr<Linear> down, torch::Tensor keys, torch::Tensor values,
-                 torch::Tensor length) {
+                 torch::Tensor length, torch::Tensor cos, torch::Tensor sin, int64_t window) {
     TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.dim() == 4 && keys.size(1) == KVH_ &&
-                    keys.size(3) == D_ && keys.sizes() == values.sizes() && keys.size(2) <= cos_.size(0),
+                    keys.size(3) == D_ && keys.sizes() == values.sizes(),
                 "decode_step: cache tensors [1, kv_heads, max_len, head_dim]");
     TORCH_CHECK(keys.scalar_type() == torch::kFloat32 || keys.scalar_type() == torch::kBFloat16,
                 "decode_step: the KV cache must be float32 or bf16");
+    TORCH_CHECK(cos.dim() == 2 && cos.size(1) == D_ && sin.sizes() == cos.sizes() && keys.size(2) <= cos.size(0),
+                "decode_step: rotary tables [max_len, head_dim]");
     TORCH_CHECK(q->N == H_ * D_ && k->N == KVH_ * D_ && v->N == KVH_ * D_ && o->K == H_ * D_ &&
                     gate->N == up->N && down->K == gate->N && q->K == hidden_ && o->N == hidden_ &&
                     down->N == hidden_,
                 "decode_step: layer shapes disagree with the model's");
-    layers_.push_back({ln1.to(torch::kFloat32).contiguous(), ln2.to(torch::kFloat32).contiguous(), q, k, v, o,
-                       gate, up, down, keys, values, length});
+    layers_.push_back({ln1.to(torch::kFloat32).contiguous(), ln2.to(torch::kFloat32).contiguous(), f32(post_attn),
+                       f32(post_ffn), f32(q_norm), f32(k_norm), q, k, v, o, gate, up, down, keys, values, length,
+                       cos.to(torch::kFloat32).contiguous(), sin.to(torch::kFloat32).contiguous(), window});
   }
 
   // Logits [1, vocab] (float32) of `token` at position `pos`, whose keys and values are written at `pos`.
@@ -310,21 +321,37 @@ class Decoder {
       const uint16_t* e = reinterpret_cast<const uint16_t*>(embed_.data_ptr<at::BFloat16>()) + token * Hd;
       for (int64_t i = 0; i < Hd; ++i) h[i] = from_bf16(e[i]);
     }
-    const float* cs = cos_.data_ptr<float>() + pos * D_;
-    const float* sn = sin_.data_ptr<float>() + pos * D_;
+    if (embed_scale_ != 1.0)
+      for (auto& e : h) e *= static_cast<float>(embed_scale_);
     for (auto& L : layers_) {
+      const float* cs = L.cos.data_ptr<float>() + pos * D_;
+      const float* sn = L.sin.data_ptr<float>() + pos * D_;
       rms_norm(h.data(), L.ln1.data_ptr<float>(), x.data(), Hd, eps_);
       run({{L.q.get(), q.data()}, {L.k.get(), k.data()}, {L.v.get(), v.data()}}, x.data());
+      if (L.q_norm.defined()) {
+        for (int64_t hh = 0; hh < H_; ++hh) rms_norm(&q[hh * D_], L.q_norm.data_ptr<float>(), &q[hh * D_], D_, eps_);
+        for (int64_t hh = 0; hh < KVH_; ++hh) rms_norm(&k[hh * D_], L.k_norm.data_ptr<float>(), &k[hh * D_], D_, eps_);
+      }
       rope(q.data(), H_, cs, sn);
       rope(k.data(), KVH_, cs, sn);
       store(L, k.data(), v.data(), pos);
-      attend(L, q.data(), att.data(), pos + 1);
+      const int64_t first = L.window > 0 ? std::max<int64_t>(0, pos - L.window + 1) : 0;
+      attend(L, q.data(), att.data(), first, pos + 1);
       run({{L.o.get(), tmp.data()}}, att.data());
+      if (L.post_attn.defined()) rms_norm(tmp.data(), L.post_attn.data_ptr<float>(), tmp.data(), Hd, eps_);
       for (int64_t i = 0; i < Hd; ++i) h[i] += tmp[i];
       rms_norm(h.data(), L.ln2.data_ptr<float>(), x.data(), Hd, eps_);
       run({{L.gate.get(), g.data()}, {L.up.get(), u.data()}}, x.data());
-      for (int64_t i = 0; i < inter; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+      if (act_ == 0) {
+        for (int64_t i = 0; i < inter; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+      } else {  // gelu, tanh approximation
+        for (int64_t i = 0; i < inter; ++i) {
+          const float a = g[i];
+          g[i] = 0.5f * a * (1.f + std::tanh(0.7978845608028654f * (a + 0.044715f * a * a * a))) * u[i];
+        }
+      }
       run({{L.down.get(), tmp.data()}}, g.data());
+      if (L.post_ffn.defined()) rms_norm(tmp.data(), L.post_ffn.data_ptr<float>(), tmp.data(), Hd, eps_);
       for (int64_t i = 0; i < Hd; ++i) h[i] += tmp[i];
       *L.length.data_ptr<int64_t>() = pos + 1;
     }
@@ -372,9 +399,10 @@ class Decoder {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
   }
 
-  // Softmax attention of every query head over cached positions [0, n) (head_dim a multiple of 16).
+  // Softmax attention of every query head over cached positions [first, n) (head_dim a multiple of 16).
   template <typename T>
-  void attend_as(const T* keys, const T* values, int64_t T_len, const float* q, float* out, int64_t n) const {
+  void attend_as(const T* keys, const T* values, int64_t T_len, const float* q, float* out, int64_t first,
+                 int64_t n) const {
     const int64_t per_kv = H_ / KVH_;
     at::parallel_for(0, H_, 1, [&](int64_t h0, int64_t h1) {
       std::vector<float> s(n);
@@ -382,7 +410,7 @@ class Decoder {
         const int64_t base = (hh / per_kv) * T_len * D_;
         const float* qh = q + hh * D_;
         float mx = -INFINITY;
-        for (int64_t t = 0; t < n; ++t) {
+        for (int64_t t = first; t < n; ++t) {
           const T* kr = keys + base + t * D_;
           __m512 acc = _mm512_setzero_ps();
           for (int64_t i = 0; i < D_; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), load16(kr + i), acc);
@@ -390,11 +418,11 @@ class Decoder {
           mx = std::max(mx, s[t]);
         }
         float total = 0.f;
-        for (int64_t t = 0; t < n; ++t) total += (s[t] = std::exp(s[t] - mx));
+        for (int64_t t = first; t < n; ++t) total += (s[t] = std::exp(s[t] - mx));
         float* oh = out + hh * D_;
         for (int64_t i = 0; i < D_; i += 16) {
           __m512 acc = _mm512_setzero_ps();
-          for (int64_t t = 0; t < n; ++t)
+          for (int64_t t = first; t < n; ++t)
             acc = _mm512_fmadd_ps(_mm512_set1_ps(s[t]), load16(values + base + t * D_ + i), acc);
           _mm512_storeu_ps(oh + i, _mm512_div_ps(acc, _mm512_set1_ps(total)));
         }
@@ -403,24 +431,26 @@ class Decoder {
   }
 #endif
 
-  void attend(Layer& L, const float* q, float* out, int64_t n) const {
+  void attend(Layer& L, const float* q, float* out, int64_t first, int64_t n) const {
 #ifdef LEANLM_NATIVE
     const int64_t T_len = L.keys.size(2);
     if (L.keys.scalar_type() == torch::kFloat32) {
-      attend_as(L.keys.data_ptr<float>(), L.values.data_ptr<float>(), T_len, q, out, n);
+      attend_as(L.keys.data_ptr<float>(), L.values.data_ptr<float>(), T_len, q, out, first, n);
     } else {
       attend_as(reinterpret_cast<const uint16_t*>(L.keys.data_ptr<at::BFloat16>()),
-                reinterpret_cast<const uint16_t*>(L.values.data_ptr<at::BFloat16>()), T_len, q, out, n);
+                reinterpret_cast<const uint16_t*>(L.values.data_ptr<at::BFloat16>()), T_len, q, out, first, n);
     }
 #endif
   }
 
-  torch::Tensor embed_, norm_;
+  torch::Tensor embed_;
+  double embed_scale_;
+  torch::Tensor norm_;
   std::shared_ptr<Linear> head_;
-  torch::Tensor cos_, sin_;
   double eps_;
   int64_t H_, KVH_, D_, hidden_;
   double scaling_;
+  int64_t act_;
   std::vector<Layer> layers_;
 };
 
@@ -447,8 +477,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return y;
       });
   pybind11::class_<Decoder>(m, "Decoder")
-      .def(pybind11::init<torch::Tensor, torch::Tensor, std::shared_ptr<Linear>, torch::Tensor, torch::Tensor, double,
-                          int64_t, int64_t, int64_t, double>())
+      .def(pybind11::init<torch::Tensor, double, torch::Tensor, std::shared_ptr<Linear>, double, int64_t, int64_t,
+                          int64_t, double, int64_t>())
       .def("add_layer", &Decoder::add_layer)
       .def("step", &Decoder::step, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

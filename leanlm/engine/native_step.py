@@ -1,4 +1,4 @@
-"""The engine's native single-token step for Llama-family models (leanlm/csrc/decode_step.cpp).
+"""The engine's native single-token step for Llama-family and Gemma-3 models (leanlm/csrc/decode_step.cpp).
 
 `build_decoder(model, cache)` hands the C++ decoder the model's own tensors (no copies, except INT4
 codes, which it keeps in a layout of its own next to the kernel layout the eager path reads) and the
@@ -12,10 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-FAMILIES = ("llama", "mistral", "qwen2")
-LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
-ATTN_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj"}
-MLP_PARTS = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 F32, BF16, I8, I4 = 0, 1, 2, 3
 
 
@@ -67,57 +63,120 @@ def _children(m: nn.Module) -> set[str]:
     return {name for name, _ in m.named_children()}
 
 
-def check_architecture(model: nn.Module, max_len: int) -> None:
-    """Raise Unsupported unless `model` is a Llama-family decoder the native step computes exactly."""
+# Per style: (model types, decoder layer parts, attention parts, config activation -> native code)
+STYLES = {
+    "llama": (("llama", "mistral", "qwen2"), {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"},
+              {"q_proj", "k_proj", "v_proj", "o_proj"}, {"silu": 0}),
+    "gemma3": (("gemma3_text",), {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm",
+                                  "pre_feedforward_layernorm", "post_feedforward_layernorm"},
+               {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}, {"gelu_pytorch_tanh": 1}),
+}
+MLP_PARTS = {"gate_proj", "up_proj", "down_proj", "act_fn"}
+
+
+def _style(cfg) -> str:
+    kind = getattr(cfg, "model_type", None)
+    for style, (types, *_) in STYLES.items():
+        if kind in types:
+            return style
+    known = [t for types, *_ in STYLES.values() for t in types]
+    raise Unsupported(f"model type {kind!r} (native: {', '.join(known)})")
+
+
+def _activation(cfg, style: str) -> int:
+    name = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
+    codes = STYLES[style][3]
+    if name not in codes:
+        raise Unsupported(f"activation {name!r}")
+    return codes[name]
+
+
+def _windows(cfg, style: str, max_len: int) -> list[int]:
+    """Each layer's sliding window (0: full attention)."""
+    n = cfg.num_hidden_layers
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * n
+    if set(types) - {"full_attention", "sliding_attention"}:
+        raise Unsupported(f"attention types {sorted(set(types))}")
+    if style == "llama":  # the engine's mask applies layer windows for per-layer-type models only
+        window = getattr(cfg, "sliding_window", None)
+        if "sliding_attention" in types or (window and getattr(cfg, "use_sliding_window", True) and window < max_len):
+            raise Unsupported("sliding-window attention")
+        return [0] * n
+    return [cfg.sliding_window if t == "sliding_attention" else 0 for t in types]
+
+
+def check_architecture(model: nn.Module, max_len: int) -> str:
+    """The model's style ("llama" or "gemma3"); raises Unsupported unless the native step computes it exactly."""
     cfg = model.config
-    if getattr(cfg, "model_type", None) not in FAMILIES:
-        raise Unsupported(f"model type {getattr(cfg, 'model_type', None)!r} (native: {', '.join(FAMILIES)})")
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise Unsupported(f"activation {cfg.hidden_act!r}")
-    window = getattr(cfg, "sliding_window", None)
-    types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-    if types != {"full_attention"} or (window and getattr(cfg, "use_sliding_window", True) and window < max_len):
-        raise Unsupported("sliding-window attention")
+    style = _style(cfg)
+    _activation(cfg, style)
+    _windows(cfg, style, max_len)
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(cfg, name, None) is not None:
+            raise Unsupported(name.replace("_", " "))
     if getattr(cfg, "pretraining_tp", 1) != 1:
         raise Unsupported("pretraining_tp > 1")
     base = getattr(model, "model", None)
     if base is None or not hasattr(base, "rotary_emb") or not isinstance(getattr(base, "embed_tokens", None),
                                                                          nn.Embedding):
         raise Unsupported("no model.embed_tokens / model.rotary_emb")
+    _, layer_parts, attn_parts, _ = STYLES[style]
     for layer in base.layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if (attn is None or mlp is None or _children(layer) != LAYER_PARTS or _children(attn) != ATTN_PARTS
+        if (attn is None or mlp is None or _children(layer) != layer_parts or _children(attn) != attn_parts
                 or _children(mlp) != MLP_PARTS):
-            raise Unsupported("decoder layers with other parts (extra norms, KV-cache quantizers, ...)")
-        if type(mlp.act_fn).__name__ != "SiLUActivation" and not isinstance(mlp.act_fn, nn.SiLU):
-            raise Unsupported(f"MLP activation {type(mlp.act_fn).__name__}")
+            raise Unsupported("decoder layers with other parts (KV-cache quantizers, ...)")
+    return style
+
+
+def _norm(m: nn.Module, style: str, eps: float) -> torch.Tensor:
+    """A norm's weight as the multiplier it applies (Gemma's norms multiply by 1 + w)."""
+    own = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+    if own is None or float(own) != eps:
+        raise Unsupported("norms with different epsilons")
+    w = m.weight.detach().float()
+    return w + 1.0 if style == "gemma3" else w
+
+
+def _rotary(base: nn.Module, max_len: int, layer_type: str | None):
+    with torch.inference_mode():
+        x, positions = torch.zeros(1, dtype=torch.float32), torch.arange(max_len)[None]
+        cos, sin = base.rotary_emb(x, positions) if layer_type is None else base.rotary_emb(x, positions, layer_type)
+    return cos[0], sin[0]
 
 
 def build_decoder(model: nn.Module, cache, max_len: int):
     """The native decoder over `model` and the engine's (initialized) `cache`; raises Unsupported."""
     from .. import native
 
-    check_architecture(model, max_len)
+    style = check_architecture(model, max_len)
     mod = native.decode_step_module()
     if isinstance(mod, str):
         raise Unsupported(mod)
     base, cfg = model.model, model.config
     attn0 = base.layers[0].self_attn
-    with torch.inference_mode():
-        positions = torch.arange(max_len)[None]
-        cos, sin = base.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+    eps = float(getattr(base.norm, "variance_epsilon", getattr(base.norm, "eps", 0.0)))
     embed = base.embed_tokens.weight.detach()
     if embed.dtype not in (torch.float32, torch.bfloat16):
         raise Unsupported(f"{embed.dtype} embeddings")
-    dec = mod.Decoder(embed, base.norm.weight.detach(), native_linear(mod, model.lm_head), cos[0], sin[0],
-                      float(base.norm.variance_epsilon), cfg.num_attention_heads, cfg.num_key_value_heads,
-                      attn0.head_dim, float(attn0.scaling))
-    for layer, c in zip(base.layers, cache.layers):
-        if float(layer.input_layernorm.variance_epsilon) != float(base.norm.variance_epsilon):
-            raise Unsupported("layer norms with different epsilons")
+    scale = getattr(base.embed_tokens, "embed_scale", None)  # Gemma scales embeddings, in the model's dtype
+    scale = 1.0 if scale is None else float(scale.to(embed.dtype))
+    dec = mod.Decoder(embed, scale, _norm(base.norm, style, eps), native_linear(mod, model.lm_head), eps,
+                      cfg.num_attention_heads, cfg.num_key_value_heads, attn0.head_dim, float(attn0.scaling),
+                      _activation(cfg, style))
+    types = getattr(cfg, "layer_types", None) if style == "gemma3" else None
+    tables = {t: _rotary(base, max_len, t) for t in set(types or [None])}
+    for i, (layer, c, window) in enumerate(zip(base.layers, cache.layers, _windows(cfg, style, max_len))):
         a, f = layer.self_attn, layer.mlp
-        dec.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+        if float(a.scaling) != float(attn0.scaling):
+            raise Unsupported("layers with different attention scalings")
+        gemma = style == "gemma3"
+        norms = [layer.input_layernorm, layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm]
+        extra = [layer.post_attention_layernorm, layer.post_feedforward_layernorm, a.q_norm, a.k_norm] if gemma else []
+        cos, sin = tables[types[i] if types else None]
+        dec.add_layer(*(_norm(m, style, eps) for m in norms), *((_norm(m, style, eps) for m in extra) if gemma
+                                                               else [None] * 4),
                       *(native_linear(mod, p) for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, f.gate_proj,
                                                         f.up_proj, f.down_proj)),
-                      c.keys, c.values, c.cumulative_length)
+                      c.keys, c.values, c.cumulative_length, cos, sin, window)
     return dec

@@ -13,7 +13,7 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
 
     Best of `repeats` with all of torch's threads, as a decode step uses them.
     """
-    a = torch.ones(nbytes // 4)
+    a = torch.empty(nbytes // 4).uniform_()  # distinct values, like weights (no page the host could share)
     a.sum()
     best = float("inf")
     for _ in range(repeats):
