@@ -15,10 +15,10 @@ attention takes a 4D mask and an explicit `position_ids`: Llama, Qwen2, Gemma-3,
   layer. Models with a quantized KV cache keep their quantizing attention.
 - Linear layers read their stored weights (float, or quantized codes) in one fused pass
   (`leanlm.kernels`).
-- Single-token steps of Llama-family models (float32, bf16, INT8 and INT4 weight-only) run natively:
-  the whole step is one C++ call (`native_step`), with no compilation at all. Other models and
-  formats, and every multi-token step, use the compiled step; both share the cache. `native_error`
-  says why a model decodes without the native step.
+- Single-token steps of Llama-family and Gemma-3 models (float32, bf16, INT8 and INT4 weight-only)
+  run natively: the whole step is one C++ call (`native_step`), with no compilation at all. Other
+  models and formats, and every multi-token step, use the compiled step; both share the cache.
+  `native_error` says why a model decodes without the native step.
 
 Compiled graphs are keyed by the number of tokens per step (1 for decoding, k+1 to verify k
 drafted tokens); inductor's on-disk cache makes a second process's compile much cheaper. If
