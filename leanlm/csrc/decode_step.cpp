@@ -104,7 +104,7 @@ struct Linear {
         for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
           const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb.data() + k);
           a = _mm512_dpbf16_ps(a, c136, xv);
-          b = _mm512_dpbf16_ps(b, c1, xv);
+          if (offset.defined()) b = _mm512_dpbf16_ps(b, c1, xv);  // only asymmetric codes read sum x
         }
         _mm512_storeu_ps(sum136.data() + g * 16, a);
         _mm512_storeu_ps(sum1.data() + g * 16, b);
@@ -235,15 +235,15 @@ struct Linear {
 };
 
 // Products of several linears sharing one pass of the thread pool (q/k/v, gate/up).
-void run(std::vector<std::pair<Linear*, float*>> jobs, const float* x) {
+void run(const std::vector<std::pair<Linear*, float*>>& jobs, const float* x) {
   int64_t total = 0;
-  for (auto& j : jobs) {
+  for (const auto& j : jobs) {
     j.first->prepare(x);
     total += j.first->N;
   }
   at::parallel_for(0, total, 16, [&](int64_t r0, int64_t r1) {
     int64_t base = 0;
-    for (auto& j : jobs) {
+    for (const auto& j : jobs) {
       const int64_t a = std::max(r0, base), b = std::min(r1, base + j.first->N);
       if (a < b) j.first->rows(j.second, a - base, b - base);
       base += j.first->N;

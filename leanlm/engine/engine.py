@@ -153,11 +153,11 @@ class Engine:
         if self.hidden_layers:
             return None, "the engine keeps hidden states (EAGLE-3 drafting)"
         try:
-            check_architecture(self.model, self.max_len)
+            style = check_architecture(self.model, self.max_len)  # before paying for the probe step
             with torch.inference_mode():
                 probe = torch.tensor([1])
                 ref, _ = self._step(probe, torch.arange(1), _causal(1), False)  # also allocates the cache
-                decoder = build_decoder(self.model, self.cache, self.max_len)
+                decoder = build_decoder(self.model, self.cache, self.max_len, style)
                 got = decoder.step(1, 0)
         except Unsupported as e:
             return None, str(e)

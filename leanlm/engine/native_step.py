@@ -1,6 +1,6 @@
 """The engine's native single-token step for Llama-family and Gemma-3 models (leanlm/csrc/decode_step.cpp).
 
-`build_decoder(model, cache)` hands the C++ decoder the model's own tensors (no copies, except INT4
+`build_decoder(model, cache, max_len, style)` hands the C++ decoder the model's own tensors (no copies, except INT4
 codes, which it keeps in a layout of its own next to the kernel layout the eager path reads) and the
 engine's cache, or returns the reason it cannot: another architecture, a layer format without a
 native kernel (FP8, NVFP4, MX, activation or KV-cache quantization), or a CPU without AVX512-BF16.
@@ -51,7 +51,7 @@ def native_linear(mod, m: nn.Module):
             _, w, s = kernel
             return mod.Linear(I8, w, s, None, bias, smooth, m.in_features, 0)
         raise Unsupported(f"the {kernel[0]} kernel has no native counterpart")
-    if type(m) is nn.Linear or isinstance(m, nn.Linear):
+    if isinstance(m, nn.Linear):
         w = m.weight.detach()
         if w.dtype not in (torch.float32, torch.bfloat16):
             raise Unsupported(f"{w.dtype} linear weights")
@@ -129,10 +129,15 @@ def check_architecture(model: nn.Module, max_len: int) -> str:
     return style
 
 
+def _eps(m: nn.Module) -> float | None:
+    """An RMSNorm's epsilon (Llama names it `variance_epsilon`, Gemma `eps`)."""
+    own = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+    return None if own is None else float(own)
+
+
 def _norm(m: nn.Module, style: str, eps: float) -> torch.Tensor:
     """A norm's weight as the multiplier it applies (Gemma's norms multiply by 1 + w)."""
-    own = getattr(m, "variance_epsilon", getattr(m, "eps", None))
-    if own is None or float(own) != eps:
+    if _eps(m) != eps:
         raise Unsupported("norms with different epsilons")
     w = m.weight.detach().float()
     return w + 1.0 if style == "gemma3" else w
@@ -145,17 +150,19 @@ def _rotary(base: nn.Module, max_len: int, layer_type: str | None):
     return cos[0], sin[0]
 
 
-def build_decoder(model: nn.Module, cache, max_len: int):
-    """The native decoder over `model` and the engine's (initialized) `cache`; raises Unsupported."""
+def build_decoder(model: nn.Module, cache, max_len: int, style: str):
+    """The native decoder over `model` (of `style`, from `check_architecture`) and the engine's
+    (initialized) `cache`; raises Unsupported."""
     from .. import native
 
-    style = check_architecture(model, max_len)
     mod = native.decode_step_module()
     if isinstance(mod, str):
         raise Unsupported(mod)
     base, cfg = model.model, model.config
     attn0 = base.layers[0].self_attn
-    eps = float(getattr(base.norm, "variance_epsilon", getattr(base.norm, "eps", 0.0)))
+    eps = _eps(base.norm)
+    if eps is None:
+        raise Unsupported("norms without an epsilon")
     embed = base.embed_tokens.weight.detach()
     if embed.dtype not in (torch.float32, torch.bfloat16):
         raise Unsupported(f"{embed.dtype} embeddings")
@@ -164,18 +171,19 @@ def build_decoder(model: nn.Module, cache, max_len: int):
     dec = mod.Decoder(embed, scale, _norm(base.norm, style, eps), native_linear(mod, model.lm_head), eps,
                       cfg.num_attention_heads, cfg.num_key_value_heads, attn0.head_dim, float(attn0.scaling),
                       _activation(cfg, style))
-    types = getattr(cfg, "layer_types", None) if style == "gemma3" else None
+    gemma = style == "gemma3"
+    types = getattr(cfg, "layer_types", None) if gemma else None
     tables = {t: _rotary(base, max_len, t) for t in set(types or [None])}
     for i, (layer, c, window) in enumerate(zip(base.layers, cache.layers, _windows(cfg, style, max_len))):
         a, f = layer.self_attn, layer.mlp
         if float(a.scaling) != float(attn0.scaling):
             raise Unsupported("layers with different attention scalings")
-        gemma = style == "gemma3"
-        norms = [layer.input_layernorm, layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm]
-        extra = [layer.post_attention_layernorm, layer.post_feedforward_layernorm, a.q_norm, a.k_norm] if gemma else []
+        # Llama: pre-attention and pre-MLP norms. Gemma-3 adds norms after attention and the MLP, and on q/k.
+        pre = [layer.input_layernorm, layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm]
+        post = ([_norm(m, style, eps) for m in (layer.post_attention_layernorm, layer.post_feedforward_layernorm,
+                                                a.q_norm, a.k_norm)] if gemma else [None] * 4)
         cos, sin = tables[types[i] if types else None]
-        dec.add_layer(*(_norm(m, style, eps) for m in norms), *((_norm(m, style, eps) for m in extra) if gemma
-                                                               else [None] * 4),
+        dec.add_layer(*(_norm(m, style, eps) for m in pre), *post,
                       *(native_linear(mod, p) for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, f.gate_proj,
                                                         f.up_proj, f.down_proj)),
                       c.keys, c.values, c.cumulative_length, cos, sin, window)
