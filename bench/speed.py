@@ -11,8 +11,11 @@ torch, transformers and the code a load imports excluded: each process loads the
 and measures a second load); the RSS after compiling and generating is reported too. Perplexity of each packed model is compared with its fake-quant twin (the
 same saved folder loaded unpacked, in float32: the reference semantics). Quantized variants quantize
 every linear layer, lm_head included as torchao's `quantize_` does by default (INT8 per channel in
-the INT4 variants: a 4-bit output layer costs small models several perplexity points); the
-embedding stays bf16.
+the INT4 variants: a 4-bit output layer costs small models several perplexity points). Both models tie
+their embedding to lm_head, so the lookups read the quantized table too (no float copy of it). INT4
+scales are stored as bf16, what PyTorch's CPU int4 kernel reads, and quantized models run with
+float32 activations elsewhere, so the packed model computes what its twin does but for the bf16 inputs
+of the int8/int4 prefill kernels (decode runs the native float32 step).
 
 Peers in the same run: torchao's int8 and int4 weight-only paths (bench/peers/setup.sh torchao) and
 llama.cpp on leanlm's GGUF export (bench/peers/setup.sh llamacpp, built from source). The bound is
@@ -54,11 +57,12 @@ INT8 = {"format": "int8", "block_size": -1}
 VARIANTS = {
     "float32": (None, "float32"),
     "bf16": (None, "bfloat16"),
-    "int8": (_all_linears(INT8), "bfloat16"),
-    "int4_g64": (_all_linears({"format": "int4", "block_size": 64}, head=INT8), "bfloat16"),
-    "int4_g128": (_all_linears({"format": "int4", "block_size": 128}, head=INT8), "bfloat16"),
-    "w8a8": (_all_linears(INT8, {"format": "int8", "block_size": -1, "dynamic": True}), "bfloat16"),
+    "int8": (_all_linears(INT8), "float32"),
+    "int4_g64": (_all_linears({"format": "int4", "block_size": 64, "scale_format": "bf16"}, head=INT8), "float32"),
+    "int4_g128": (_all_linears({"format": "int4", "block_size": 128, "scale_format": "bf16"}, head=INT8), "float32"),
+    "w8a8": (_all_linears(INT8, {"format": "int8", "block_size": -1, "dynamic": True}), "float32"),
 }
+SAVED_LAYOUT = 2  # bump when leanlm saves these variants differently (2: tied embeddings read the quantized lm_head)
 TORCHAO_VARIANTS = ("int8", "int4_g64", "int4_g128")
 LLAMACPP_VARIANTS = {"Q8_0": "float32", "Q4_0": "float32"}  # GGUF type -> the leanlm variant exported (llama.cpp's own RTN from float)
 
@@ -69,14 +73,14 @@ def saved_variant(model: str, variant: str) -> Path:
     out = WORK / Path(model).name / variant
     if recipe is None:
         return Path(model)
-    stamp = out / "bench_recipe.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == recipe:
+    stamp, made = out / "bench_recipe.json", {"recipe": recipe, "layout": SAVED_LAYOUT}
+    if stamp.is_file() and json.loads(stamp.read_text()) == made:
         return out
     code = ("import json, sys, leanlm; m, t = leanlm.load(sys.argv[1]); "
             "leanlm.quantize(m, {'name': sys.argv[3], **json.loads(sys.argv[2])}, progress=False); "
             "leanlm.save(m, t, sys.argv[4], overwrite=True)")
     subprocess.run([sys.executable, "-c", code, model, json.dumps(recipe), variant, str(out)], check=True)
-    stamp.write_text(json.dumps(recipe))
+    stamp.write_text(json.dumps(made))
     return out
 
 

@@ -123,6 +123,19 @@ def test_int4_group32_is_written_exactly_as_q4_0(tmp_path, small_tok):
         assert _rel(model(_ids(small_tok)).logits, hf(_ids(small_tok)).logits) < 5e-4
 
 
+def test_tied_quantized_head_writes_both_tables(tmp_path, small_tok):
+    """A tied model whose lm_head is quantized reads one quantized table (leanlm's TiedEmbedding): the file
+    gets the codes twice, exactly: as token_embd and as output."""
+    model = tiny_llama(vocab=320)
+    leanlm.quantize(model, {**W4G32, "exclude": []}, progress=False)
+    out = export(model, "gguf", tmp_path / "tied", tokenizer=small_tok)
+    names = {t.name for t in _reader(out).tensors}
+    assert {"token_embd.weight", "output.weight"} <= names
+    assert _summary(out)["summary"]["methods"]["exact"] == LINEARS + 2  # lm_head and the embedding too
+    with torch.no_grad():
+        assert _rel(model(_ids(small_tok)).logits, _hf(out)(_ids(small_tok)).logits) < 5e-3
+
+
 def test_other_layouts_and_smoothing_are_requantized(tmp_path, small_tok):
     model = tiny_llama(vocab=320)
     recipe = {"name": "w4g64", "rules": [{"pattern": "*", "weight": {"format": "int4", "block_size": 64}}]}

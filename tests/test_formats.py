@@ -284,7 +284,9 @@ STORAGE_SPECS = {**NAMED_SPECS,
                  "int4_asym": QuantSpec("int4", block_size=32, symmetric=False),
                  "int8_asym": QuantSpec("int8", symmetric=False),
                  "int2": QuantSpec("int2", block_size=16),
-                 "fp8_e5m2": QuantSpec("fp8_e5m2")}
+                 "fp8_e5m2": QuantSpec("fp8_e5m2"),
+                 "int4_bf16_scales": QuantSpec("int4", block_size=64, scale_format="bf16"),
+                 "int4_asym_bf16_scales": QuantSpec("int4", block_size=32, symmetric=False, scale_format="bf16")}
 
 
 @pytest.mark.parametrize("name", sorted(STORAGE_SPECS))
@@ -306,6 +308,31 @@ def test_encode_decode_round_trip(name):
     assert_exact(dequantize_blocks(q, spec, qp2, w.shape), quant_dequant(w, spec))
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_bf16_scales_are_what_the_int4_kernel_reads(symmetric):
+    """With bf16 scales the codes are chosen against the rounded scales, so PyTorch's CPU int4 kernel (bf16
+    scales) holds the fake-quant weight exactly; it still rounds its input and output to bf16."""
+    from leanlm.quant.linear import QuantLinear
+
+    torch.manual_seed(0)
+    spec = QuantSpec("int4", block_size=64, symmetric=symmetric, scale_format="bf16")
+    qp = compute_qparams(torch.randn(32, 128), spec)
+    assert_exact(qp.scale.bfloat16().float(), qp.scale)
+    q = QuantLinear(128, 32, False, spec)
+    torch.nn.init.normal_(q.weight)
+    q.freeze()
+    w = q.quantized_weight()
+    assert q.weight_scale.dtype == torch.bfloat16
+    assert q.pack() == "int4"
+    sz = q._kernel[2]  # [G, N, 2] bf16 scales and offsets
+    assert_exact(sz[..., 0].float().t(), effective_scale(q._frozen_qparams()).reshape(32, 2))
+    if symmetric:
+        assert not sz[..., 1].any()
+    x = torch.randn(40, 128)  # many rows: the eager kernel, not a fused decode product
+    ref = x.bfloat16().double() @ w.double().T
+    assert ((q(x).double() - ref).abs().max() / ref.abs().max()).item() < 2**-8
+
+
 # --- Storage size -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec, shape, bits", [
@@ -315,6 +342,7 @@ def test_encode_decode_round_trip(name):
     (NAMED_SPECS["nvfp4"], (4, 32), 128 * 4 + 8 * 8 + 32),      # E4M3 block scales + fp32 global scale
     (NAMED_SPECS["mxfp4"], (4, 64), 256 * 4 + 8 * 8),           # E8M0 block scales
     (QuantSpec("int4", block_size=32, symmetric=False), (2, 64), 128 * 4 + 4 * (32 + 8)),  # + uint8 zeros
+    (QuantSpec("int4", block_size=64, scale_format="bf16"), (2, 128), 256 * 4 + 4 * 16),   # bf16 scales
 ])
 def test_storage_bits(spec, shape, bits):
     assert storage_bits(spec, torch.Size(shape)) == bits

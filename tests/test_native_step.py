@@ -56,6 +56,26 @@ def test_int4_kernel(n, k, group, symmetric):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
 
 
+def test_rows_of_every_kind():
+    """`Linear.row` (the lookups of an embedding tied to a quantized output layer) is the dequantized row,
+    smoothing undone."""
+    g = torch.Generator().manual_seed(3)
+    n, k = 12, 100  # a partial last int4 group
+    smooth = torch.rand(k, generator=g) + 0.5
+    w = torch.randn(n, k, generator=g)
+    q8, s8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.rand(n, generator=g)
+    codes, s4 = torch.randint(0, 16, (n, 128), dtype=torch.uint8, generator=g), torch.rand(n, 2, generator=g)
+    off = torch.randn(n, 2, generator=g)
+    w4 = ((codes.float() - 8).reshape(n, 2, 64) * s4[..., None] + off[..., None]).reshape(n, 128)[:, :k]
+    cases = [(MOD.Linear(F32, w, None, None, None, smooth, k, 0), w),
+             (MOD.Linear(BF16, w.bfloat16(), None, None, None, smooth, k, 0), w.bfloat16().float()),
+             (MOD.Linear(I8, q8, s8, None, None, smooth, k, 0), q8.float() * s8[:, None]),
+             (MOD.Linear(I4, int4_chunk_layout(codes), s4, off, None, smooth, k, 64), w4)]
+    for lin, ref in cases:
+        for i in (0, 5, n - 1):
+            torch.testing.assert_close(lin.row(i), ref[i] / smooth, rtol=1e-6, atol=1e-6)
+
+
 def test_bad_weight_is_refused():
     with pytest.raises(RuntimeError, match="groups of a multiple of 64"):
         MOD.Linear(I4, torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4, 1), None, None, None, 32, 32)

@@ -89,6 +89,33 @@ struct Linear {
     }
   }
 
+  // Row n of the weight as the product reads it (dequantized, smoothing undone) into out[K]: the
+  // embedding lookup of a model whose embedding is tied to this (output) layer.
+  void row(int64_t n, float* out) const {
+    if (kind == F32) {
+      std::memcpy(out, w.data_ptr<float>() + n * K, K * sizeof(float));
+    } else if (kind == BF16) {
+      const uint16_t* r = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()) + n * K;
+      for (int64_t k = 0; k < K; ++k) out[k] = from_bf16(r[k]);
+    } else if (kind == I8) {
+      const int8_t* r = w.data_ptr<int8_t>() + n * K;
+      const float s = scale.data_ptr<float>()[n];
+      for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(r[k]) * s;
+    } else {
+      const uint8_t* r = w.data_ptr<uint8_t>() + n * (Kp / 2);
+      const int64_t G = Kp / group;
+      const float* s = scale.data_ptr<float>() + n * G;
+      const float* o = offset.defined() ? offset.data_ptr<float>() + n * G : nullptr;
+      for (int64_t k = 0; k < K; ++k) {
+        const uint8_t b = r[(k / 64) * 32 + (k % 32)];
+        const int q = (k % 64) < 32 ? (b & 0xF) : (b >> 4);
+        out[k] = static_cast<float>(q - 8) * s[k / group] + (o ? o[k / group] : 0.f);
+      }
+    }
+    if (smooth.defined())
+      for (int64_t k = 0; k < K; ++k) out[k] /= smooth.data_ptr<float>()[k];
+  }
+
   // Called once per step before any thread computes rows.
   void prepare(const float* x) {
     const float* sm = smooth.defined() ? smooth.data_ptr<float>() : nullptr;
@@ -274,15 +301,21 @@ torch::Tensor f32(const c10::optional<torch::Tensor>& t) {
 
 class Decoder {
  public:
-  Decoder(torch::Tensor embed, double embed_scale, torch::Tensor norm, std::shared_ptr<Linear> head, double eps,
-          int64_t heads, int64_t kv_heads, int64_t head_dim, double scaling, int64_t act)
-      : embed_(embed.contiguous()), embed_scale_(embed_scale), norm_(norm.to(torch::kFloat32).contiguous()),
-        head_(std::move(head)), eps_(eps), H_(heads), KVH_(kv_heads), D_(head_dim), scaling_(scaling), act_(act) {
-    TORCH_CHECK(embed_.scalar_type() == torch::kFloat32 || embed_.scalar_type() == torch::kBFloat16,
-                "decode_step: the embedding must be float32 or bf16");
+  // `embed` [vocab, hidden] float32 or bf16; none: the embedding is tied to the output layer `head`,
+  // whose rows serve the lookups (a quantized tied table).
+  Decoder(c10::optional<torch::Tensor> embed, double embed_scale, torch::Tensor norm, std::shared_ptr<Linear> head,
+          double eps, int64_t heads, int64_t kv_heads, int64_t head_dim, double scaling, int64_t act)
+      : embed_scale_(embed_scale), norm_(norm.to(torch::kFloat32).contiguous()), head_(std::move(head)), eps_(eps),
+        H_(heads), KVH_(kv_heads), D_(head_dim), scaling_(scaling), act_(act) {
+    if (embed.has_value()) {
+      embed_ = embed->contiguous();
+      TORCH_CHECK(embed_.scalar_type() == torch::kFloat32 || embed_.scalar_type() == torch::kBFloat16,
+                  "decode_step: the embedding must be float32 or bf16");
+    }
     TORCH_CHECK(D_ % 16 == 0 && H_ % KVH_ == 0, "decode_step: head_dim a multiple of 16, heads a multiple of kv heads");
     TORCH_CHECK(act_ == 0 || act_ == 1, "decode_step: activation 0 (silu) or 1 (gelu tanh)");
-    hidden_ = embed_.size(1);
+    hidden_ = embed_.defined() ? embed_.size(1) : head_->K;
+    vocab_ = embed_.defined() ? embed_.size(0) : head_->N;
   }
 
   void add_layer(torch::Tensor ln1, torch::Tensor ln2, c10::optional<torch::Tensor> post_attn,
@@ -311,11 +344,13 @@ class Decoder {
   torch::Tensor step(int64_t token, int64_t pos) {
     TORCH_CHECK(!layers_.empty(), "decode_step: no layers");
     TORCH_CHECK(pos >= 0 && pos < layers_[0].keys.size(2), "decode_step: position ", pos, " outside the cache");
-    TORCH_CHECK(token >= 0 && token < embed_.size(0), "decode_step: token ", token, " outside the vocabulary");
+    TORCH_CHECK(token >= 0 && token < vocab_, "decode_step: token ", token, " outside the vocabulary");
     const int64_t Hd = hidden_, inter = layers_[0].gate->N;
     std::vector<float> h(Hd), x(Hd), q(H_ * D_), k(KVH_ * D_), v(KVH_ * D_), att(H_ * D_), tmp(Hd),
         g(inter), u(inter);
-    if (embed_.scalar_type() == torch::kFloat32) {
+    if (!embed_.defined()) {
+      head_->row(token, h.data());
+    } else if (embed_.scalar_type() == torch::kFloat32) {
       std::memcpy(h.data(), embed_.data_ptr<float>() + token * Hd, Hd * sizeof(float));
     } else {
       const uint16_t* e = reinterpret_cast<const uint16_t*>(embed_.data_ptr<at::BFloat16>()) + token * Hd;
@@ -448,7 +483,7 @@ class Decoder {
   torch::Tensor norm_;
   std::shared_ptr<Linear> head_;
   double eps_;
-  int64_t H_, KVH_, D_, hidden_;
+  int64_t H_, KVH_, D_, hidden_, vocab_;
   double scaling_;
   int64_t act_;
   std::vector<Layer> layers_;
@@ -475,10 +510,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         auto y = torch::empty({l.N}, torch::kFloat32);
         run({{&l, y.data_ptr<float>()}}, xc.data_ptr<float>());
         return y;
+      })
+      .def("row", [](const Linear& l, int64_t n) {  // tests
+        TORCH_CHECK(n >= 0 && n < l.N, "Linear.row: row outside the weight");
+        auto y = torch::empty({l.K}, torch::kFloat32);
+        l.row(n, y.data_ptr<float>());
+        return y;
       });
   pybind11::class_<Decoder>(m, "Decoder")
-      .def(pybind11::init<torch::Tensor, double, torch::Tensor, std::shared_ptr<Linear>, double, int64_t, int64_t,
-                          int64_t, double, int64_t>())
+      .def(pybind11::init<c10::optional<torch::Tensor>, double, torch::Tensor, std::shared_ptr<Linear>, double,
+                          int64_t, int64_t, int64_t, double, int64_t>())
       .def("add_layer", &Decoder::add_layer)
       .def("step", &Decoder::step, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..quant.embedding import TiedEmbedding
+
 F32, BF16, I8, I4 = 0, 1, 2, 3
 
 
@@ -118,7 +120,7 @@ def check_architecture(model: nn.Module, max_len: int) -> str:
         raise Unsupported("pretraining_tp > 1")
     base = getattr(model, "model", None)
     if base is None or not hasattr(base, "rotary_emb") or not isinstance(getattr(base, "embed_tokens", None),
-                                                                         nn.Embedding):
+                                                                         (nn.Embedding, TiedEmbedding)):
         raise Unsupported("no model.embed_tokens / model.rotary_emb")
     _, layer_parts, attn_parts, _ = STYLES[style]
     for layer in base.layers:
@@ -163,12 +165,19 @@ def build_decoder(model: nn.Module, cache, max_len: int, style: str):
     eps = _eps(base.norm)
     if eps is None:
         raise Unsupported("norms without an epsilon")
-    embed = base.embed_tokens.weight.detach()
-    if embed.dtype not in (torch.float32, torch.bfloat16):
-        raise Unsupported(f"{embed.dtype} embeddings")
+    head = native_linear(mod, model.lm_head)
+    if isinstance(base.embed_tokens, TiedEmbedding):  # the lookups read the quantized output layer's rows
+        if base.embed_tokens.head is not model.lm_head:
+            raise Unsupported("an embedding tied to another layer than lm_head")
+        embed, dtype = None, base.embed_tokens.head.weight_dtype
+    else:
+        embed = base.embed_tokens.weight.detach()
+        dtype = embed.dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise Unsupported(f"{dtype} embeddings")
     scale = getattr(base.embed_tokens, "embed_scale", None)  # Gemma scales embeddings, in the model's dtype
-    scale = 1.0 if scale is None else float(scale.to(embed.dtype))
-    dec = mod.Decoder(embed, scale, _norm(base.norm, style, eps), native_linear(mod, model.lm_head), eps,
+    scale = 1.0 if scale is None else float(scale.to(dtype))
+    dec = mod.Decoder(embed, scale, _norm(base.norm, style, eps), head, eps,
                       cfg.num_attention_heads, cfg.num_key_value_heads, attn0.head_dim, float(attn0.scaling),
                       _activation(cfg, style))
     gemma = style == "gemma3"

@@ -30,7 +30,11 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     total = 0
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = emb is not None and out is not None and getattr(out, "weight", None) is emb.weight
+    from ..quant.embedding import TiedEmbedding
+
+    # An embedding tied to a quantized output layer holds no tensor: its lookups read that layer's codes.
+    tied = isinstance(emb, TiedEmbedding) or (emb is not None and out is not None
+                                             and getattr(out, "weight", None) is emb.weight)
     skip = set() if emb is None or tied else {id(emb.weight)}
     from .size import held_tensors
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import LeanLMError
 from ..quant.formats import E2M1_GRID
-from .parts import e2m1_bytes, float_tensors, quantized_layers, weight_parts
+from .parts import e2m1_bytes, float_tensors, quantized_layers, untie_quantized_head, weight_parts
 
 CT_VERSION = "0.20.0"  # the compressed-tensors release whose layout this follows
 _FIX = ("export with --format modelopt, or quantize with a recipe without smoothing "
@@ -231,6 +231,7 @@ def write(model: nn.Module, tokenizer, out: Path, **options) -> dict:
     config = json.loads(model.config.to_json_string())
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     config["quantization_config"] = qcfg
+    untie_quantized_head(model, config)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     tokenizer.save_pretrained(out)
     if getattr(model, "generation_config", None) is not None:

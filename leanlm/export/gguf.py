@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import LeanLMError
+from ..quant.embedding import TiedEmbedding
 from ..quant.linear import QuantLinear
 from .parts import WeightParts, quantized_layers, weight_parts
 
@@ -88,6 +89,8 @@ def _qtype(model, qtype: str | None) -> str:
 def _float_weight(m: nn.Module) -> tuple[torch.Tensor, WeightParts | None]:
     """The weight the layer computes with, in float32, and its codes when it holds any."""
     parts = None
+    if isinstance(m, TiedEmbedding):  # the output layer's table: its codes, written exactly where they fit
+        return _float_weight(m.head)
     if isinstance(m, QuantLinear) and m.weight_spec is not None:
         parts = weight_parts(m)
         w = parts.dequantize()
@@ -119,7 +122,8 @@ def _tensors(model, qtype: str) -> list[_Tensor]:
     tied = getattr(head, "weight", None) is emb.weight  # then llama.cpp reuses token_embd for the output
     out = []
     for mname, m in model.named_modules():
-        if (m is head and tied) or not (dict(m.named_parameters(recurse=False)) or isinstance(m, QuantLinear)):
+        if (m is head and tied) or not (dict(m.named_parameters(recurse=False))
+                                         or isinstance(m, (QuantLinear, TiedEmbedding))):
             continue
         base = names.get_name(mname)
         if base is None:
@@ -128,7 +132,7 @@ def _tensors(model, qtype: str) -> list[_Tensor]:
         heads = None
         if arch == "llama" and base.endswith((".attn_q", ".attn_k")):
             heads = cfg.num_attention_heads if base.endswith(".attn_q") else cfg.num_key_value_heads
-        if isinstance(m, (nn.Linear, QuantLinear, nn.Embedding)):
+        if isinstance(m, (nn.Linear, QuantLinear, nn.Embedding, TiedEmbedding)):
             w, parts = _float_weight(m)
             if qtype in ("F16", "F32"):
                 typ, how = qtype, "float"
@@ -249,7 +253,7 @@ def write(model, tokenizer, out: Path, qtype: str | None = None) -> dict:
     qtype = _qtype(model, qtype)
     cfg = model.config
     tensors = _tensors(model, qtype)
-    vocab = _tokenizer(tokenizer, model.get_input_embeddings().weight.shape[0])
+    vocab = _tokenizer(tokenizer, model.get_input_embeddings().num_embeddings)
     path = Path(out) / FILE
     w = gguf.GGUFWriter(str(path), arch)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -345,7 +349,7 @@ def validate(out: Path, model, tokenizer) -> dict:
                               f"{err.max().item():.3g} for {t.type}/{t.how}): export again")
         key = f"{t.type}/{t.how}"
         errors[key] = max(errors.get(key, 0.0), err.max().item())
-    vocab = _tokenizer(tokenizer, model.get_input_embeddings().weight.shape[0])
+    vocab = _tokenizer(tokenizer, model.get_input_embeddings().num_embeddings)
     if field.get("tokenizer.ggml.tokens") != vocab["tokens"]:
         raise LeanLMError(f"the vocabulary in '{path}' differs from the tokenizer's: export again")
     return {"tensors": len(expected), "qtype": qtype, "max_abs_error": errors, "vocab": len(vocab["tokens"])}

@@ -31,7 +31,7 @@ from ..errors import LeanLMError
 from ..quant.formats import E2M1_GRID, E4M3_MAX
 from ..quant.kv import KVQuantizer
 from ..quant.linear import QuantLinear
-from .parts import WeightParts, e2m1_bytes, float_tensors, quantized_layers, weight_parts
+from .parts import WeightParts, e2m1_bytes, float_tensors, quantized_layers, untie_quantized_head, weight_parts
 
 PRODUCER = {"name": "modelopt", "version": "0.47.0"}
 ACT_CALIB_SAMPLES, ACT_CALIB_LEN = 8, 256
@@ -158,6 +158,7 @@ def write(model: nn.Module, tokenizer, out: Path) -> dict:
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["quantization_config"] = {"quant_method": "modelopt", **quant, "producer": PRODUCER}
+    untie_quantized_head(model, config)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(out)
     if getattr(model, "generation_config", None) is not None:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import LeanLMError
+from ..quant.embedding import TiedEmbedding
 from ..quant.formats import QuantSpec, e2m1_codes
 from ..quant.kv import KVQuantizer
 from ..quant.linear import QuantLinear
@@ -82,9 +83,19 @@ def e2m1_bytes(values: torch.Tensor) -> torch.Tensor:
     return codes[:, 0::2] | (codes[:, 1::2] << 4)
 
 
+def untie_quantized_head(model: nn.Module, config: dict) -> dict:
+    """`config` (a dict) with the embedding untied when the output layer is exported quantized: that layer
+    then has tensors of its own, and a loader that ties them would look for a float `lm_head.weight`."""
+    head = model.get_output_embeddings()
+    if isinstance(head, QuantLinear) and head.weight_spec is not None and config.get("tie_word_embeddings"):
+        config["tie_word_embeddings"] = False
+    return config
+
+
 def float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's float tensors under their HF names: leanlm's quantization buffers (codes, scales,
-    ranges) left out, quantized layers' parameters (biases) kept, each tied tensor once."""
+    ranges) left out, quantized layers' parameters (biases) kept, each tied tensor once, and an
+    embedding tied to a quantized output layer as the dequantized table it reads."""
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     owners = {n for n, m in model.named_modules() if isinstance(m, (QuantLinear, KVQuantizer))}
     out, seen = {}, set()
@@ -95,4 +106,7 @@ def float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         seen.add(t.data_ptr())
         out[key] = t.detach().contiguous()
+    for name, m in model.named_modules():
+        if isinstance(m, TiedEmbedding):  # a table of its own in the export, equal to the output layer's
+            out[f"{name}.weight"] = m.weight.contiguous()
     return out

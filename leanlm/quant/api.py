@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from ..errors import LeanLMError
 from ..memory import release_free_memory
+from .embedding import tie_quantized_embedding
 from .kv import attach_kv_quantizers
 from .linear import QuantLinear
 from .recipes import Recipe, get_recipe
@@ -75,6 +76,7 @@ def quantize(model: nn.Module, recipe, calib=None, progress: bool = True, freeze
         raise LeanLMError(f"recipe '{recipe.name}' calibrates on data (algorithm {'+'.join(recipe.algorithm)}, "
                           "static activation or KV ranges): pass calibration data (calib=..., CLI: --calib wiki)")
     layers = prepare_quantizers(model, recipe)
+    tie_quantized_embedding(model)
     if recipe.needs_data:
         loop = calib if callable(calib) else forward_loop_from_batches(calib)
         with torch.no_grad():

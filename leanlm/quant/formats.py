@@ -52,6 +52,9 @@ ELEMENTS = {
 }
 
 
+SCALE_BITS = {"fp32": 32, "bf16": 16, "e4m3": 8, "e8m0": 8}
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one tensor is quantized: element format, block size, scale format, symmetry, dynamism."""
@@ -59,19 +62,21 @@ class QuantSpec:
     format: str
     block_size: int = -1  # 0: per-tensor, -1: per-row, k>0: groups of k along the last dim
     symmetric: bool = True
-    scale_format: str = "fp32"  # "fp32", "e4m3" (with an fp32 per-tensor scale) or "e8m0"
+    # "fp32"; "bf16" (what PyTorch's CPU int4 kernel reads, so its results match the fake-quant model's);
+    # "e4m3" (with an fp32 per-tensor scale) or "e8m0" (block formats)
+    scale_format: str = "fp32"
     dynamic: bool = False  # activations: scales computed on every call instead of calibrated
 
     def __post_init__(self):
         if self.format not in ELEMENTS:
             raise LeanLMError(f"unknown number format '{self.format}': use one of {', '.join(ELEMENTS)}")
-        if self.scale_format not in ("fp32", "e4m3", "e8m0"):
-            raise LeanLMError(f"unknown scale format '{self.scale_format}': use fp32, e4m3 or e8m0")
+        if self.scale_format not in SCALE_BITS:
+            raise LeanLMError(f"unknown scale format '{self.scale_format}': use {', '.join(SCALE_BITS)}")
         if not isinstance(self.block_size, int) or self.block_size < -1:
             raise LeanLMError(f"block_size {self.block_size!r} is invalid: use 0 (tensor), -1 (row) or a group size > 0")
         if not self.symmetric and self.element.kind != "int":
             raise LeanLMError(f"asymmetric quantization needs an integer format, not '{self.format}'")
-        if self.scale_format != "fp32" and self.block_size <= 0:
+        if self.scale_format in ("e4m3", "e8m0") and self.block_size <= 0:
             raise LeanLMError(f"scale format '{self.scale_format}' needs a block size > 0 (e.g. 16 or 32)")
 
     @property
@@ -194,7 +199,7 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None 
         amax = amax.float()
         if spec.scale_format == "e8m0":
             return QParams(round_scale_e8m0(amax, fmt.emax))
-        scale = amax / fmt.range
+        scale = _stored(amax / fmt.range, spec)
         if spec.scale_format == "e4m3":
             # Two levels (NVFP4): an fp32 tensor scale maps the largest block scale onto E4M3's range.
             top = scale.amax() if global_amax is None else global_amax.float() / fmt.max
@@ -208,10 +213,15 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None 
     hi = xb.amax(dim=-1, keepdim=True) if amax is None else amax.float()
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # keep 0 exactly representable (padding, ReLU zeros)
     qmax = 2**fmt.bits - 1
-    scale = (hi - lo) / qmax
+    scale = _stored((hi - lo) / qmax, spec)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.round(-lo / scale).clamp(0, qmax)
     return QParams(scale, zero=zero)
+
+
+def _stored(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Scales as a "bf16" scale format stores them (the codes are then chosen against these)."""
+    return scale.to(torch.bfloat16).float() if spec.scale_format == "bf16" else scale
 
 
 def effective_scale(qp: QParams) -> torch.Tensor:
@@ -311,7 +321,7 @@ def storage_bits(spec: QuantSpec, shape: torch.Size) -> int:
     else:
         b = shape[-1] if spec.block_size == -1 else spec.block_size
         n_blocks = math.prod(shape[:-1]) * math.ceil(shape[-1] / b)
-    scale_bits = {"fp32": 32, "e4m3": 8, "e8m0": 8}[spec.scale_format]
+    scale_bits = SCALE_BITS[spec.scale_format]
     zero_bits = 0 if spec.symmetric else 8
     global_bits = 32 if spec.scale_format == "e4m3" else 0  # NVFP4's fp32 per-tensor scale
     return numel * spec.bits + n_blocks * (scale_bits + zero_bits) + global_bits

@@ -48,9 +48,11 @@ class QuantLinear(nn.Module):
         for name in CALIBRATED_BUFFERS:
             self.register_buffer(name, None)
         self._dequant_cache: torch.Tensor | None = None
+        self._weight_dtype = torch.float32  # of the float weight `freeze` replaced
         self.cache_dequantized = True
         self._kernel: tuple | None = None  # (kind, tensors...) once `pack` chose a packed kernel
         self.packed = False  # `pack` was called: no float copy of the weight is ever kept
+        self.keep_codes = False  # a tied embedding reads rows of the codes: packing keeps them
         self.bypass = False  # plain float forward (capturing calibration inputs and statistics)
         self.observers: dict | None = None  # {"input"/"output": RangeObserver} while calibrating ranges
 
@@ -67,6 +69,11 @@ class QuantLinear(nn.Module):
     def frozen(self) -> bool:
         return "weight_codes" in self._buffers
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the forward sees the weight in (a frozen layer's dequantized weight: the model's)."""
+        return self._weight_dtype if self.frozen else self.weight.dtype
+
     # -- weight ---------------------------------------------------------------------------------
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the forward sees it (dequantized), with STE gradients in the fake state."""
@@ -81,6 +88,28 @@ class QuantLinear(nn.Module):
         if self.learned_scale is not None:
             return fake_quantize_lsq(self.weight, self.weight_spec, self.learned_scale)
         return fake_quantize(self.weight, self.weight_spec, self.weight_qp)
+
+    def weight_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the weight as the forward sees it (``ids.shape + [K]``): a tied embedding's lookups.
+
+        A frozen layer with per-row or per-group scales decodes only those rows; smoothing is undone
+        (``(x / s) @ Wq.T`` reads row ``Wq[i] / s``)."""
+        spec = self.weight_spec
+        shape = self._blocked_shape() if spec is not None and spec.block_size != 0 else None
+        per_row = 0 if shape is None else shape[1] * shape[2]
+        if (not self.frozen or self._dequant_cache is not None or self._buffers["weight_codes"] is None
+                or shape is None or (spec.bits <= 4 and per_row % 2)):
+            rows = nn.functional.embedding(ids, self.quantized_weight())
+        else:
+            flat = ids.reshape(-1)
+            codes = self.weight_codes.reshape(self.out_features, -1)[flat]
+            qp = self._frozen_qparams()
+            pick = lambda t: None if t is None else t.reshape(self.out_features, shape[1], 1)[flat]  # noqa: E731
+            q = decode_values(codes, spec, torch.Size((flat.numel(), shape[1], shape[2])))
+            rows = dequantize_blocks(q, spec, QParams(pick(qp.scale), pick(qp.zero), qp.global_scale),
+                                     torch.Size((flat.numel(), self.in_features)))
+            rows = rows.to(self.weight_dtype).reshape(*ids.shape, -1)
+        return rows if self.smooth is None else rows / self.smooth.to(rows.dtype)
 
     def drop_dequantized(self) -> None:
         """Forget the cached float weight of a frozen layer (the next eager forward rebuilds it)."""
@@ -150,7 +179,7 @@ class QuantLinear(nn.Module):
         spec = self.weight_spec
         q = decode_values(self.codes(), spec, self._blocked_shape())
         w = dequantize_blocks(q, spec, self._frozen_qparams(), torch.Size((self.out_features, self.in_features)))
-        return w.to(getattr(self, "_weight_dtype", torch.float32))
+        return w.to(self.weight_dtype)
 
     def _fused_frozen_product(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` straight from the codes, block by block, for few rows inside torch.compile.
@@ -206,7 +235,8 @@ class QuantLinear(nn.Module):
                 zero = (8 - qp.zero.reshape(s.shape)) * s
             packed, sz = pack_int4(q, s, zero)
             self._kernel = ("int4", packed, sz, spec.block_size)
-            self.weight_codes = None  # same bytes as the kernel's layout: keep one copy (see `codes`)
+            if not self.keep_codes:
+                self.weight_codes = None  # same bytes as the kernel's layout: keep one copy (see `codes`)
         elif spec.format == "int8" and spec.block_size == -1 and spec.symmetric:
             w = self.weight_codes.reshape(n, k)  # a view: the codes are already the kernel's layout
             s = self.weight_scale.reshape(n).float()

@@ -61,13 +61,15 @@ def decode_pairs(stored: torch.Tensor, spec: QuantSpec, shape: tuple[int, ...]) 
 
 
 def encode_qparams(qp: QParams, spec: QuantSpec) -> dict[str, torch.Tensor]:
-    """Scales in their storage format: fp32, E4M3 bytes (+ fp32 global scale) or E8M0 exponent bytes."""
+    """Scales in their storage format: fp32, bf16, E4M3 bytes (+ fp32 global scale) or E8M0 exponent bytes."""
     out: dict[str, torch.Tensor] = {}
     if spec.scale_format == "e4m3":
         out["scale"] = qp.scale.to(torch.float8_e4m3fn)
         out["global_scale"] = qp.global_scale.reshape(1).float()
     elif spec.scale_format == "e8m0":
         out["scale"] = (torch.log2(qp.scale).round() + 127).to(torch.uint8)
+    elif spec.scale_format == "bf16":
+        out["scale"] = qp.scale.to(torch.bfloat16)
     else:
         out["scale"] = qp.scale.float()
     if qp.zero is not None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import LeanLMError
 from .formats import QuantSpec
+from .embedding import TiedEmbedding
 from .kv import attach_kv_quantizers
 from .linear import QuantLinear
 from .recipes import recipe_from_dict
@@ -34,14 +35,17 @@ def save_quant_state(model: nn.Module, out: Path) -> Path | None:
     model.config.save_pretrained(out)
     save_model(model, str(out / "model.safetensors"))
     specs = {n: (q.weight_spec, q.input_spec, q.output_spec) for n, q in layers.items()}
-    return write_quant_state(out, specs, getattr(model, "leanlm_recipe", None))
+    tied = isinstance(model.get_input_embeddings(), TiedEmbedding)
+    return write_quant_state(out, specs, getattr(model, "leanlm_recipe", None), tied_embedding=tied)
 
 
-def write_quant_state(out: Path, specs: dict[str, tuple], recipe) -> Path:
-    """The JSON description of each quantized layer (weight, input, output specs) and the recipe."""
+def write_quant_state(out: Path, specs: dict[str, tuple], recipe, tied_embedding: bool = False) -> Path:
+    """The JSON description of each quantized layer (weight, input, output specs) and the recipe;
+    `tied_embedding`: the input embedding reads the quantized output layer (no table of its own)."""
     state = {
         "format_version": FORMAT_VERSION,
         "recipe": None if recipe is None else recipe.to_dict(),
+        "tied_embedding": tied_embedding,
         "layers": {n: {k: None if s is None else asdict(s) for k, s in zip(("weight", "input", "output"), spec)}
                    for n, spec in specs.items()},
     }
@@ -61,6 +65,7 @@ def load_quantized(path: Path, dtype=torch.float32, trust_remote_code: bool = Fa
         layer_specs = {n: (_spec(d["weight"]), _spec(d["input"]), _spec(d.get("output")))
                        for n, d in state["layers"].items()}
         recipe = recipe_from_dict(state["recipe"], state["recipe"].get("name", "saved")) if state.get("recipe") else None
+        tied = bool(state.get("tied_embedding", False))
     except (ValueError, KeyError, TypeError, LeanLMError) as e:
         raise LeanLMError(f"'{path / STATE_FILE}' is unreadable ({e}): re-run `leanlm quantize`") from None
     from accelerate import init_empty_weights
@@ -83,6 +88,12 @@ def load_quantized(path: Path, dtype=torch.float32, trust_remote_code: bool = Fa
         setattr(model.get_submodule(parent) if parent else model, attr, q)
     if recipe is not None and recipe.kv_cache is not None:
         attach_kv_quantizers(model, recipe.kv_cache)
+    if tied:
+        head = model.get_output_embeddings()
+        if not isinstance(head, QuantLinear) or head.weight_spec is None:
+            raise LeanLMError(f"'{path / STATE_FILE}' ties the embedding to an output layer it does not quantize: "
+                              "re-run `leanlm quantize`")
+        model.set_input_embeddings(TiedEmbedding(head, model.get_input_embeddings()))
     _materialize(model)
     out_emb = model.get_output_embeddings()
     if getattr(config, "tie_word_embeddings", False) and type(out_emb) is nn.Linear:

@@ -27,7 +27,7 @@ class Drafting:
         elif is_eagle3_dir(draft):
             self.kind = "eagle3"
             head = load_eagle3(draft)
-            vocab = target.get_input_embeddings().weight.shape[0]
+            vocab = target.get_input_embeddings().num_embeddings
             if head.config.vocab_size != vocab or head.config.target_hidden_size != target.config.get_text_config().hidden_size:
                 raise LeanLMError(f"EAGLE-3 head '{draft}' was trained for another target (vocabulary "
                                   f"{head.config.vocab_size}, hidden {head.config.target_hidden_size}): train one for "
