@@ -13,7 +13,8 @@ from leanlm.quant.linear import QuantLinear
 IDS = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
 HEADS = {"int8": {"format": "int8", "block_size": -1},
          "int4_bf16": {"format": "int4", "block_size": 64, "scale_format": "bf16"},
-         "nvfp4": {"format": "fp4_e2m1", "block_size": 16, "scale_format": "e4m3"}}
+         "nvfp4": {"format": "fp4_e2m1", "block_size": 16, "scale_format": "e4m3"},
+         "fp8_per_tensor": {"format": "fp8_e4m3", "block_size": 0}}
 
 
 def _recipe(head: dict) -> dict:

@@ -92,23 +92,22 @@ class QuantLinear(nn.Module):
     def weight_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the weight as the forward sees it (``ids.shape + [K]``): a tied embedding's lookups.
 
-        A frozen layer with per-row or per-group scales decodes only those rows; smoothing is undone
-        (``(x / s) @ Wq.T`` reads row ``Wq[i] / s``)."""
-        spec = self.weight_spec
-        shape = self._blocked_shape() if spec is not None and spec.block_size != 0 else None
-        per_row = 0 if shape is None else shape[1] * shape[2]
+        A frozen layer decodes only those rows from its codes; smoothing is undone (``(x / s) @ Wq.T``
+        reads row ``Wq[i] / s``)."""
+        spec, n, k = self.weight_spec, self.out_features, self.in_features
+        groups, block = (1, k) if spec is None or spec.block_size == 0 else self._blocked_shape()[1:]
         if (not self.frozen or self._dequant_cache is not None or self._buffers["weight_codes"] is None
-                or shape is None or (spec.bits <= 4 and per_row % 2)):
+                or (spec.bits <= 4 and groups * block % 2)):  # (odd rows of nibbles share bytes)
             rows = nn.functional.embedding(ids, self.quantized_weight())
         else:
             flat = ids.reshape(-1)
-            codes = self.weight_codes.reshape(self.out_features, -1)[flat]
+            q = decode_values(self.weight_codes.reshape(n, -1)[flat], spec, torch.Size((flat.numel(), groups, block)))
             qp = self._frozen_qparams()
-            pick = lambda t: None if t is None else t.reshape(self.out_features, shape[1], 1)[flat]  # noqa: E731
-            q = decode_values(codes, spec, torch.Size((flat.numel(), shape[1], shape[2])))
-            rows = dequantize_blocks(q, spec, QParams(pick(qp.scale), pick(qp.zero), qp.global_scale),
-                                     torch.Size((flat.numel(), self.in_features)))
-            rows = rows.to(self.weight_dtype).reshape(*ids.shape, -1)
+            if spec.block_size != 0:  # per-row / per-group scales: those of the rows looked up
+                pick = lambda t: None if t is None else t.reshape(n, groups, 1)[flat]  # noqa: E731
+                qp = QParams(pick(qp.scale), pick(qp.zero), qp.global_scale)
+            rows = dequantize_blocks(q, spec, qp, torch.Size((flat.numel(), k)))
+            rows = rows.to(self.weight_dtype).reshape(*ids.shape, k)
         return rows if self.smooth is None else rows / self.smooth.to(rows.dtype)
 
     def drop_dequantized(self) -> None:
