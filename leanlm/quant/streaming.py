@@ -37,6 +37,7 @@ from ..errors import LeanLMError
 from ..memory import release_free_memory
 from ..models import safetensors_header
 from .api import forward_loop_from_batches, prepare_quantizers, quantize_without_data
+from .embedding import tie_quantized_embedding
 from .kv import KVQuantizer
 from .linear import QuantLinear
 from .recipes import Recipe, get_recipe
@@ -192,6 +193,7 @@ def quantize_streaming(model_dir, recipe, calib=None, out=None, work=None, overw
     prefix = next(n for n, m in model.named_modules() if m is layers) + "."
     selected = prepare_quantizers(model, recipe)
     _load_outside(model, layers, files, dtype)
+    tied = tie_quantized_embedding(model)  # as `quantize` does: before calibration reads the embeddings
 
     run = _Run(files, prefix, dtype, recipe, work)
     hidden, start = _start(run, model, layers, config, calib)
@@ -218,7 +220,7 @@ def quantize_streaming(model_dir, recipe, calib=None, out=None, work=None, overw
         merge_safetensors(tmp / "model.safetensors",
                           [rest] + [work / f"layer_{i:04d}.safetensors" for i in range(len(layers))])
         write_quant_state(tmp, {n: (q.weight_spec, q.input_spec, q.output_spec) for n, q in selected.items()},
-                          recipe)
+                          recipe, tied_embedding=tied)
     shutil.rmtree(work)
     return out
 
