@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/qat.py --ce-weight 0.5 --float-ft        # smollm2-135m, nvfp4 and w4a16_rtn_g64
     .venv/bin/python bench/qat.py --tokens 20000 --eval-tokens 4096 --recipes w4a16_rtn_g64   # quick look
+    .venv/bin/python bench/qat.py --data news --tokens 57344 --lr 3e-4 \
+        --out bench/results/qat_smollm2-135m_news_lr3e-4.json     # out-of-domain training text
 
 Training text is the wiki calibration split (disjoint from the evaluation split); QAT and QAD see the
 same sequences in the same order. QAD reads the float teacher's top-k log-probs from a cache built
