@@ -119,7 +119,9 @@ def _tensors(model, qtype: str) -> list[_Tensor]:
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, ARCHS[arch]), cfg.num_hidden_layers)
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    tied = getattr(head, "weight", None) is emb.weight  # then llama.cpp reuses token_embd for the output
+    # A float tie: llama.cpp then reuses token_embd for the output. (A TiedEmbedding's `weight` is its
+    # whole table dequantized; its quantized head is written as a tensor of its own.)
+    tied = not isinstance(emb, TiedEmbedding) and getattr(head, "weight", None) is emb.weight
     out = []
     for mname, m in model.named_modules():
         if (m is head and tied) or not (dict(m.named_parameters(recurse=False))
