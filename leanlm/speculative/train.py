@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..atomic import save_tensors
+from ..atomic import atomic_write_text, save_tensors
 from ..errors import LeanLMError
 from ..train.loop import cosine_lr
 from ..train.checkpoint import has_checkpoint, load_checkpoint, remove_checkpoint_files, save_checkpoint
@@ -296,7 +296,7 @@ def train_eagle3(target, tokenizer, out: str | Path, config: Eagle3TrainConfig |
         if changed:
             raise LeanLMError(f"'{work}' holds a run with other {', '.join(changed)}: resume with the settings in "
                               f"{cfg_file}, or delete the folder to start over")
-    cfg_file.write_text(json.dumps(settings, indent=2))
+    atomic_write_text(cfg_file, json.dumps(settings, indent=2))
     torch.manual_seed(cfg.seed)
     target.eval()
     for p in target.parameters():

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..atomic import atomic_write_text
 from ..errors import LeanLMError
 from . import distributed as dist
 from . import sharding
@@ -121,7 +122,8 @@ def _check_settings(work: Path, settings: dict) -> None:
             raise LeanLMError(f"'{work}' holds a checkpoint of a run with other {', '.join(changed)}: resume with "
                               f"the settings in {file}, or delete the folder to start over")
     if dist.is_main():
-        file.write_text(json.dumps(settings, indent=2))
+        # Atomic: the other processes may be reading the previous file at this moment.
+        atomic_write_text(file, json.dumps(settings, indent=2))
 
 
 def train(model: nn.Module, params: dict[str, nn.Parameter], data: torch.Tensor, loss_fn: LossFn,
