@@ -73,6 +73,19 @@ def test_quantized_target_with_eagle3_and_ngram(recipe):
                 assert [speculative_generate(eng, drafter, p, 24, k=4, tree=tree).tokens for p in prompts] == ref
 
 
+def test_draft_model_with_a_quantized_lm_head():
+    import leanlm
+
+    everything = {"name": "w8_all", "rules": [{"pattern": "*", "weight": "int8"}], "exclude": []}
+    draft = leanlm.quantize(tiny_llama(seed=5, layers=1), everything, progress=False)
+    assert isinstance(draft.get_output_embeddings(), leanlm.quant.linear.QuantLinear)
+    target = tiny_llama(layers=2)
+    prompts = _prompts(3, seed=6)
+    with Engine(target, max_len=128, compile=False) as eng:
+        drafter = ModelDrafter(draft, 128, compile=False, target_vocab=256)
+        assert [speculative_generate(eng, drafter, p, 20, k=3).tokens for p in prompts] == _plain(target, prompts, 20)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_rows_linear_matches_matmul(dtype):
     from leanlm.native import rows_linear, rows_linear_available

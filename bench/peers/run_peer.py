@@ -39,8 +39,8 @@ from leanlm.eval.speed import peak_rss_bytes  # noqa: E402
 
 CALIB_BATCH = 8
 
-MODELOPT_SCHEMES = ("fp8", "int8_sq", "w4a16_awq", "w4a16_awq_g64", "nvfp4", "w4a8_awq")
-LLMCOMPRESSOR_SCHEMES = ("w4a16_gptq_g64", "w4a16_gptq", "w4a16_awq_g64", "w4a16_awq", "int8_sq", "fp8")
+MODELOPT_SCHEMES = ("fp8", "fp8_dynamic", "int8_sq", "w4a16_awq", "w4a16_awq_g64", "nvfp4", "w4a8_awq")
+LLMCOMPRESSOR_SCHEMES = ("w4a16_gptq_g64", "w4a16_gptq", "w4a16_awq_g64", "w4a16_awq", "int8_sq", "fp8", "fp8_dynamic")
 SCHEMES = {"modelopt": MODELOPT_SCHEMES, "llmcompressor": LLMCOMPRESSOR_SCHEMES}
 
 
@@ -61,6 +61,8 @@ def modelopt_config(scheme: str) -> dict:
 
     if scheme == "fp8":
         return mtq.FP8_DEFAULT_CFG
+    if scheme == "fp8_dynamic":
+        return mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG
     if scheme == "int8_sq":
         return mtq.INT8_SMOOTHQUANT_CFG
     if scheme == "w4a16_awq":
@@ -151,6 +153,8 @@ def llmcompressor_recipe(scheme: str):
                 GPTQModifier(targets="Linear", scheme="W8A8", ignore=ignore)]
     if scheme == "fp8":
         return QuantizationModifier(targets="Linear", scheme="FP8", ignore=ignore)
+    if scheme == "fp8_dynamic":  # per-channel weights, per-token dynamic activations
+        return QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=ignore)
     raise ValueError(f"unknown llmcompressor scheme {scheme!r}")
 
 

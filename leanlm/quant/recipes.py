@@ -182,10 +182,15 @@ def _preset(name: str, description: str, weight: QuantSpec | None, input: QuantS
 
 INT8_ROW = QuantSpec("int8", block_size=-1)
 FP8_TENSOR = QuantSpec("fp8_e4m3", block_size=0)
+FP8_ROW = QuantSpec("fp8_e4m3", block_size=-1)
 NVFP4 = NAMED_SPECS["nvfp4"]
 _BASE_PRESETS = [
     _preset("fp8", "FP8 E4M3 weights and activations, per-tensor scales (static, max-calibrated)",
             FP8_TENSOR, FP8_TENSOR),
+    _preset("fp8_dynamic", "FP8 E4M3 weights per output channel, activations per token with scales computed on "
+            "every call (vLLM's FP8_DYNAMIC); needs no calibration data", FP8_ROW, FP8_ROW.with_(dynamic=True)),
+    _preset("fp8_gptq", "fp8_dynamic with GPTQ error compensation of the weights (the same checkpoint format)",
+            FP8_ROW, FP8_ROW.with_(dynamic=True), "gptq"),
     _preset("int8_sq", "W8A8 INT8 with SmoothQuant: per-channel weights, per-tensor static activations",
             INT8_ROW, QuantSpec("int8", block_size=0), "smoothquant"),
     _preset("w8a16", "INT8 weights, per-channel symmetric scales; activations float", INT8_ROW),

@@ -43,7 +43,7 @@ class Drafting:
                 raise LeanLMError(f"draft model '{draft}' uses a different tokenizer from the target: a draft model "
                                   "must share the target's tokenizer (or use --draft ngram / an EAGLE-3 head)")
             self.drafter = ModelDrafter(model, max_len=max_len, compile=compile,
-                                        target_vocab=target.get_output_embeddings().weight.shape[0])
+                                        target_vocab=target.get_output_embeddings().out_features)
         self.engine = Engine(target, max_len=max_len, compile=compile, hidden_layers=hidden_layers)
 
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, k: int = 4, tree: bool = False, **kw):

@@ -80,7 +80,7 @@ class ModelDrafter:
     """A smaller causal LM with the target's tokenizer, run by its own engine (compiled, rollback)."""
 
     def __init__(self, model, max_len: int = 2048, compile: bool = True, target_vocab: int | None = None):
-        vocab = model.get_output_embeddings().weight.shape[0]
+        vocab = model.get_output_embeddings().out_features
         if target_vocab is not None and vocab != target_vocab:
             raise LeanLMError(f"the draft model's vocabulary has {vocab} tokens, the target's {target_vocab}: "
                               "a draft model must share the target's tokenizer")

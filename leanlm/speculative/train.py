@@ -329,8 +329,10 @@ def train_eagle3(target, tokenizer, out: str | Path, config: Eagle3TrainConfig |
         train_idx += list(range(len(seqs), len(seqs) + len(cseqs)))
         seqs, feats = list(seqs) + list(cseqs), list(feats) + list(cfeats)
     head.set_draft_vocab(draft_ids)
-    with torch.no_grad():  # the target's own output embedding for the kept tokens
-        head.lm_head.weight.copy_(target.get_output_embeddings().weight[head.target_ids].float())
+    with torch.no_grad():  # the target's own output embedding for the kept tokens (a quantized one decoded)
+        out_emb = target.get_output_embeddings()
+        rows = out_emb.weight_rows(head.target_ids) if hasattr(out_emb, "weight_rows") else out_emb.weight[head.target_ids]
+        head.lm_head.weight.copy_(rows.float())
     head.lm_head.weight.requires_grad_(cfg.train_lm_head)
     draft_lookup = head.to_draft_ids(torch.arange(head.config.vocab_size))
     if not train_idx:
