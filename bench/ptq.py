@@ -3,6 +3,7 @@ samples and evaluation tokens, in one run.
 
     .venv/bin/python bench/ptq.py --model smollm2-135m                      # full settings
     .venv/bin/python bench/ptq.py --model smollm2-135m --calib-samples 16 --eval-tokens 4096 --no-peers
+    .venv/bin/python bench/ptq.py --recipes int8_sq@sequential=false --no-peers   # a preset with other options
 
 Every variant runs in its own process (ours with this venv, each peer in its venv under
 bench/peers/, set up by bench/peers/setup.sh), so peak RSS and calibration time belong to it alone.
@@ -33,6 +34,21 @@ PEER_SCHEMES = {
 }
 
 
+def recipe_with_options(name: str):
+    """A preset, optionally with options after '@': ``int8_sq@sequential=false,alpha=0.5``."""
+    import yaml
+
+    from leanlm.quant.recipes import get_recipe, recipe_from_dict
+
+    base, _, extra = name.partition("@")
+    if not extra:
+        return base
+    d = get_recipe(base).to_dict()
+    d["name"] = name
+    d["options"].update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in extra.split(","))})
+    return recipe_from_dict(d, name=name)
+
+
 def run_one(args) -> None:
     """Child process: quantize with one of our recipes (or none) and evaluate."""
     import torch
@@ -48,7 +64,7 @@ def run_one(args) -> None:
     if args.one != "float":
         calib = load_file(args.calib)["ids"]
         t = time.perf_counter()
-        leanlm.quantize(model, args.one, calib=calib, progress=False)
+        leanlm.quantize(model, recipe_with_options(args.one), calib=calib, progress=False)
         seconds = time.perf_counter() - t
     with torch.no_grad():
         r = perplexity(model, ev["ids"], ev["bytes"], window=args.window, progress=False)

@@ -156,3 +156,35 @@ def test_nvfp4_global_amax_override():
     a = compute_qparams(x, spec)
     b = compute_qparams(x[:2], spec, global_amax=x.abs().amax())
     assert torch.equal(a.global_scale, b.global_scale)
+
+
+def test_non_sequential_calibration_takes_ranges_from_the_statistics_pass(monkeypatch):
+    import leanlm.quant.ptq as ptq
+
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(9))
+    ranged = []
+    real_ranges = ptq.calibrate_ranges
+    monkeypatch.setattr(ptq, "calibrate_ranges", lambda *a, **k: ranged.append(1) or real_ranges(*a, **k))
+    seq, fast = tiny_llama(layers=2), tiny_llama(layers=2)
+    quantize(seq, "int8_sq", calib=calib, progress=False)
+    assert len(ranged) == 2  # sequential: a range pass per layer
+    quantize(fast, {"name": "sq_fast", "rules": [{"pattern": "*", "weight": {"format": "int8", "block_size": -1},
+                                                  "input": {"format": "int8", "block_size": 0}}],
+                    "algorithm": "smoothquant", "options": {"sequential": False}}, calib=calib, progress=False)
+    assert len(ranged) == 2  # not sequential: no range pass at all
+    first = dict(seq.model.layers[0].named_modules()), dict(fast.model.layers[0].named_modules())
+    for name in ("self_attn.q_proj", "mlp.gate_proj"):  # the same statistics pass
+        torch.testing.assert_close(first[1][name].smooth, first[0][name].smooth)
+    q = "self_attn.q_proj"  # its input does not depend on this layer's quantized weights: the same range
+    torch.testing.assert_close(first[1][q].input_amax, first[0][q].input_amax)
+    # The next layer's statistics come from float activations, not the quantized model's.
+    assert not torch.equal(seq.model.layers[1].self_attn.q_proj.smooth, fast.model.layers[1].self_attn.q_proj.smooth)
+    with torch.no_grad():
+        ref, a, b = tiny_llama(layers=2)(calib).logits, seq(calib).logits, fast(calib).logits
+    assert (b - ref).pow(2).mean() < 2 * (a - ref).pow(2).mean()
+    quantize(tiny_llama(layers=2), {"name": "kv", "rules": [{"pattern": "*", "input": {"format": "int8", "block_size": 0}}],
+                                    "algorithm": "smoothquant", "kv_cache": "fp8", "options": {"sequential": False}},
+             calib=calib, progress=False)
+    assert len(ranged) == 4  # a KV cache's ranges still need the pass
+    with pytest.raises(leanlm.LeanLMError, match="sequential"):
+        quantize(tiny_llama(), {"name": "x", "rules": [{"pattern": "*", "weight": "int8"}], "options": {"sequential": "no"}})

@@ -115,7 +115,7 @@ def sparsify(model: nn.Module, method: str = "wanda", pattern="2:4", calib: torc
 
     def one_layer(layer, hidden, kwargs):
         linears = _linears(layer)
-        stats = collect_input_stats(layer, linears, hidden, kwargs, hessian=True, sample_tokens=0)
+        stats, _ = collect_input_stats(layer, linears, hidden, kwargs, hessian=True, sample_tokens=0)
         for name, lin in linears.items():
             h = stats[name].hessian
             if method == "wanda":

@@ -34,7 +34,10 @@ class InputStats:
 
 @torch.no_grad()
 def collect_input_stats(layer: nn.Module, linears: dict[str, QuantLinear], hidden: list[torch.Tensor], kwargs: dict,
-                        hessian: bool, sample_tokens: int) -> dict[str, InputStats]:
+                        hessian: bool, sample_tokens: int,
+                        keep_outputs: bool = False) -> tuple[dict[str, InputStats], list[torch.Tensor] | None]:
+    """Input statistics of every linear layer over one float pass of `layer`, and (with
+    `keep_outputs`) the layer's float outputs."""
     stats = {n: InputStats() for n in linears}
     # q/k/v (and gate/up) share one input tensor: one x^T x for all. Entries hold the tensor itself, so
     # its address cannot be reused by another activation while the entry lives.
@@ -61,15 +64,18 @@ def collect_input_stats(layer: nn.Module, linears: dict[str, QuantLinear], hidde
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    outputs = [] if keep_outputs else None
     try:
         with bypassed(linears.values()), bypassed(m for m in layer.modules() if isinstance(m, KVQuantizer)):
             for h in hidden:
                 shared.clear()
-                layer_output(layer, h, kwargs)
+                out = layer_output(layer, h, kwargs)
+                if keep_outputs:
+                    outputs.append(out)
     finally:
         for hd in handles:
             hd.remove()
-    return stats
+    return stats, outputs
 
 
 def _apply_algorithm(name: str, q: QuantLinear, st: InputStats, opts: dict) -> None:
@@ -112,13 +118,16 @@ def calibrate_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict,
     kvqs = [m for m in layer.modules() if isinstance(m, KVQuantizer)]
     opts = recipe.options
     data_algos = [a for a in recipe.algorithm if a != "rtn"]
+    maxima, float_outputs = None, None
     if data_algos and linears:
-        stats = collect_input_stats(layer, linears, hidden, kwargs, hessian="gptq" in data_algos,
-                                    sample_tokens=opts["sample_tokens"] if _needs_sample(recipe) else 0)
+        stats, float_outputs = collect_input_stats(
+            layer, linears, hidden, kwargs, hessian="gptq" in data_algos,
+            sample_tokens=opts["sample_tokens"] if _needs_sample(recipe) else 0, keep_outputs=not opts["sequential"])
         for algo in data_algos:
             for n, q in linears.items():
                 _apply_algorithm(algo, q, stats[n], opts)
-        del stats
+        maxima = {n: st.absmax for n, st in stats.items()}
+        del stats  # Hessians and samples: not needed past here
     if opts["weight_calibration"] == "mse":
         for q in linears.values():
             if q.weight_spec is not None and q.weight_qp is None:
@@ -126,8 +135,29 @@ def calibrate_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict,
     if freeze:  # the weights are final: the range pass runs on their cached dequantization
         for q in linears.values():
             q.freeze()
+    if float_outputs is not None:  # not sequential: the next layer reads the float outputs
+        derived = not kvqs and opts["act_calibration"] == "max" and ranges_from_maxima(linears, maxima)
+        if not derived:
+            calibrate_ranges(layer, linears.values(), kvqs, hidden, kwargs, opts["act_calibration"],
+                             opts["percentile"])
+        return float_outputs
     return calibrate_ranges(layer, linears.values(), kvqs, hidden, kwargs, opts["act_calibration"],
                             opts["percentile"])
+
+
+def ranges_from_maxima(linears: dict[str, QuantLinear], maxima: dict[str, torch.Tensor]) -> bool:
+    """Static max-calibrated input ranges straight from the float pass's per-channel maxima (exact
+    for the float activations: any block's max is the max of its channels' maxima), so no range
+    pass is needed. False, and nothing set, when some static range is of an output."""
+    static = [(n, q) for n, q in linears.items() if q.input_spec is not None and not q.input_spec.dynamic]
+    if any(q.output_spec is not None and not q.output_spec.dynamic for q in linears.values()):
+        return False
+    for n, q in static:
+        absmax = maxima[n] if q.smooth is None else maxima[n] / q.smooth
+        obs = RangeObserver(q.input_spec, "max")
+        obs.observe(absmax[None, :])
+        q.input_amax = obs.amax()
+    return True
 
 
 def calibrate_ranges(layer, linears, kvqs, hidden, kwargs, method: str,

@@ -42,6 +42,9 @@ DEFAULT_OPTIONS = {
     "weight_calibration": "max",  # max, or mse (clipping search on the weight alone; GPTQ starts from it)
     "act_calibration": "max",  # static activation ranges: max, percentile or mse
     "percentile": 99.99,
+    # True: each layer is calibrated on the previous layer's quantized outputs. False: on the float
+    # model's activations (one pass per layer where statistics allow: Model Optimizer's way, faster).
+    "sequential": True,
 }
 KV_SPECS = {
     "fp8": QuantSpec("fp8_e4m3", block_size=0),
@@ -145,6 +148,8 @@ def recipe_from_dict(d: dict, name: str = "custom") -> Recipe:
     options = {**DEFAULT_OPTIONS, **options}
     if options["alpha"] != "search" and not (isinstance(options["alpha"], (int, float)) and 0 <= options["alpha"] <= 1):
         raise LeanLMError(f"recipe '{name}': option alpha={options['alpha']!r} is invalid: use a number in [0, 1] or 'search'")
+    if not isinstance(options["sequential"], bool):
+        raise LeanLMError(f"recipe '{name}': option sequential={options['sequential']!r} is invalid: use true or false")
     for key in ("weight_calibration", "act_calibration"):
         allowed = ("max", "mse") if key == "weight_calibration" else ("max", "percentile", "mse")
         if options[key] not in allowed:
