@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import sys
 import time
 from dataclasses import asdict
@@ -95,8 +97,11 @@ def main() -> None:
 
     if not results.done("-", "float"):
         record("-", "float", base, 0.0)
-    sft_dir = WORK / f"{args.model}_sft_{args.data}_{data.numel()}_lr{args.lr:g}"
-    if (args.float_ft or args.sft_first) and not (results.done("-", "float_ft") and (sft_dir.is_dir() or not args.sft_first)):
+    # The fine-tuned model is kept for --sft-first reruns, named by everything that shaped it.
+    sft_key = hashlib.sha256(json.dumps([args.model, args.data, asdict(cfg)], sort_keys=True).encode()).hexdigest()[:12]
+    sft_dir = WORK / f"{args.model}_sft_{sft_key}"
+    need_sft_model = args.sft_first and not sft_dir.is_dir()
+    if need_sft_model or ((args.float_ft or args.sft_first) and not results.done("-", "float_ft")):
         from leanlm.train import train, trainable_parameters
         from leanlm.train.distill import ce_loss_fn
 
