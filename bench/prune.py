@@ -40,10 +40,13 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-4, help="distillation learning rate")
     p.add_argument("--scratch-lr", type=float, default=1e-3, help="learning rate from random initialization")
     p.add_argument("--topk", type=int, default=64)
+    p.add_argument("--ce-weight", type=float, default=0.0,
+                   help="mix the ordinary next-token loss into distillation (0: logit KD only, as Minitron)")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--sparsity", nargs="*", default=["2:4", "0.5"])
     p.add_argument("--speed-tokens", type=int, default=128)
+    p.add_argument("--out", default=None, help="results file (default bench/results/prune_<model>.json)")
     p.add_argument("--fresh", action="store_true")
     args = p.parse_args()
 
@@ -57,8 +60,10 @@ def main() -> None:
     from leanlm.train import DistillConfig, TrainConfig, distill, train, trainable_parameters, training_sequences
     from leanlm.train.distill import ce_loss_fn
 
-    out = RESULTS / f"prune_{args.model}.json"
-    settings = {k: v for k, v in vars(args).items() if k not in ("fresh", "variants", "sparsity")}
+    out = Path(args.out) if args.out else RESULTS / f"prune_{args.model}.json"
+    settings = {k: v for k, v in vars(args).items() if k not in ("fresh", "variants", "sparsity", "out")}
+    if not args.ce_weight:
+        settings.pop("ce_weight")  # rows of runs from before the flag existed stay valid
     results = ResultRows(out, settings, ("variant", "method"), args.fresh, model=args.model)
     rows = results.rows
 
@@ -68,7 +73,7 @@ def main() -> None:
     data = training_sequences(tok, "wiki", cfg, model=teacher)
     calib = leanlm.calibration_batches(tok, "wiki", args.calib_samples, args.seq_len, seed=1, model=teacher)
     ev_ids, ev_bytes = leanlm.eval_tokens(tok, "wiki", args.eval_tokens)
-    dcfg = DistillConfig(topk=args.topk, cache=str(WORK / f"{args.model}_teacher_top{args.topk}.safetensors"))
+    dcfg = DistillConfig(topk=args.topk, ce_weight=args.ce_weight, cache=str(WORK / f"{args.model}_teacher_top{args.topk}.safetensors"))
     WORK.mkdir(parents=True, exist_ok=True)
 
     def record(variant, method, model, seconds=0.0, extra=None):

@@ -5,6 +5,8 @@
     .venv/bin/python bench/qat.py --data news --tokens 57344 --lr 3e-4 \
         --out bench/results/qat_smollm2-135m_news_lr3e-4.json     # out-of-domain training text
     .venv/bin/python bench/qat.py --sft-first --out bench/results/qat_smollm2-135m_sft.json
+    .venv/bin/python bench/qat.py --sft-first --batch-size 2 --micro-batch 2 \
+        --out bench/results/qat_smollm2-135m_sft_b2.json          # more, smaller steps (same tokens)
 
 Training text is the wiki calibration split (disjoint from the evaluation split); QAT and QAD see the
 same sequences in the same order. QAD reads the float teacher's top-k log-probs from a cache built
@@ -12,7 +14,8 @@ once (its build time is reported and counted in QAD's time). Training on wiki te
 perplexity by itself (domain adaptation): `--float-ft` fine-tunes the float model on the same tokens,
 and the table's last column measures recovery against that instead of the untouched float model.
 `--sft-first` is Model Optimizer's workflow: that fine-tuned float model is the baseline, the QAD
-teacher, and what PTQ, QAT and QAD start from (its published Llama-3-8B figures are measured so).
+teacher, and what PTQ, QAT and QAD start from (its published Llama-3-8B figures are measured so);
+`--sft-lr` and `--sft-batch-size` set that fine-tune apart from QAT's and QAD's `--lr` and `--batch-size`.
 Finished rows are kept in
 bench/results/qat_<model>.json as they complete, and a rerun with the same settings skips them;
 training runs checkpoint under bench/work/qat/ and resume if killed.
@@ -26,7 +29,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +60,9 @@ def main() -> None:
     p.add_argument("--sft-first", action="store_true",
                    help="Model Optimizer's QAT/QAD workflow: fine-tune the float model on the training text first; "
                         "it is the float baseline, the teacher, and what PTQ, QAT and QAD start from")
+    p.add_argument("--sft-lr", type=float, default=1e-4,
+                   help="learning rate of the --sft-first / --float-ft fine-tune (--lr is QAT's and QAD's)")
+    p.add_argument("--sft-batch-size", type=int, default=8, help="batch size of that fine-tune")
     p.add_argument("--methods", nargs="+", default=["qat", "qad"], choices=["qat", "qad"])
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--out", default=None, help="results file (default bench/results/qat_<model>.json)")
@@ -74,6 +80,9 @@ def main() -> None:
     settings = {k: v for k, v in vars(args).items() if k not in ("fresh", "recipes", "methods", "float_ft", "out")}
     if not args.sft_first:
         settings.pop("sft_first")  # rows of runs from before the flag existed stay valid
+    for own, flag in (("lr", "sft_lr"), ("batch_size", "sft_batch_size")):
+        if getattr(args, own) == getattr(args, flag):
+            settings.pop(flag)  # the same: rows of runs from before the flag existed stay valid
 
     base, tok = leanlm.load(args.model)
     cfg = TrainConfig(tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -98,19 +107,27 @@ def main() -> None:
     if not results.done("-", "float"):
         record("-", "float", base, 0.0)
     # The fine-tuned model is kept for --sft-first reruns, named by everything that shaped it.
-    sft_key = hashlib.sha256(json.dumps([args.model, args.data, asdict(cfg)], sort_keys=True).encode()).hexdigest()[:12]
+    sft_cfg = replace(cfg, lr=args.sft_lr, batch_size=args.sft_batch_size)
+    sft_key = hashlib.sha256(json.dumps([args.model, args.data, asdict(sft_cfg)], sort_keys=True).encode()).hexdigest()[:12]
     sft_dir = WORK / f"{args.model}_sft_{sft_key}"
-    need_sft_model = args.sft_first and not sft_dir.is_dir()
+    sft_record = sft_dir / "leanlm_sft.json"  # its training time and steps, for the float_ft row of a rerun
+    need_sft_model = args.sft_first and not sft_record.is_file()
     if need_sft_model or ((args.float_ft or args.sft_first) and not results.done("-", "float_ft")):
-        from leanlm.train import train, trainable_parameters
-        from leanlm.train.distill import ce_loss_fn
+        if not need_sft_model and args.sft_first:
+            kept = json.loads(sft_record.read_text())
+            record("-", "float_ft", leanlm.load(sft_dir)[0], kept["seconds"], {"steps": kept["steps"]})
+        else:
+            from leanlm.train import train, trainable_parameters
+            from leanlm.train.distill import ce_loss_fn
 
-        m = copy.deepcopy(base)
-        t = time.perf_counter()
-        hist = train(m, trainable_parameters(m), data, ce_loss_fn, cfg, desc="float fine-tune")
-        record("-", "float_ft", m, time.perf_counter() - t, {"steps": hist[-1]["step"]})
-        if args.sft_first:
-            leanlm.save(m, tok, sft_dir, overwrite=True)
+            m = copy.deepcopy(base)
+            t = time.perf_counter()
+            hist = train(m, trainable_parameters(m), data, ce_loss_fn, sft_cfg, desc="float fine-tune")
+            seconds = time.perf_counter() - t
+            record("-", "float_ft", m, seconds, {"steps": hist[-1]["step"]})
+            if args.sft_first:
+                leanlm.save(m, tok, sft_dir, overwrite=True)
+                sft_record.write_text(json.dumps({"seconds": round(seconds, 1), "steps": hist[-1]["step"]}))
     if args.sft_first:  # everything below starts from the fine-tuned float model, and it is the teacher
         base, _ = leanlm.load(sft_dir)
     for recipe in args.recipes:
@@ -140,6 +157,7 @@ def main() -> None:
     float_ppl = next(r["perplexity"] for r in rows if r["method"] == "float")
     ft_ppl = next((r["perplexity"] for r in rows if r["method"] == "float_ft"), None)
     print(f"\n{args.model}: {len(data)} x {args.seq_len} = {data.numel()} training tokens ({args.data}), lr {args.lr}, "
+          f"fine-tune lr {args.sft_lr}, batch {args.batch_size} (fine-tune {args.sft_batch_size}), "
           f"{args.eval_tokens} eval tokens (wiki eval split)\n")
     print("| recipe | method | perplexity | gap to float | gap recovered | recovered vs float fine-tuned | time (s) |")
     print("|---|---|---:|---:|---:|---:|---:|")
