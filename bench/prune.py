@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/prune.py                          # smollm2-135m, 70% of non-embedding parameters
     .venv/bin/python bench/prune.py --tokens 20000 --eval-tokens 4096 --variants depth   # quick look
+    .venv/bin/python bench/prune.py --variants width --sparsity --ce-weight 0.5 --tokens 100000 \
+        --out bench/results/prune_smollm2-135m_ce0.5.json     # distillation with the ordinary loss mixed in
 
 For each variant (width: MLP neurons; depth: whole layers), at the same parameter target:
 (a) the teacher, (b) pruned without training, (c) pruned + distilled from the teacher (logit KD against
