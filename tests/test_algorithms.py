@@ -188,3 +188,25 @@ def test_non_sequential_calibration_takes_ranges_from_the_statistics_pass(monkey
     assert len(ranged) == 4  # a KV cache's ranges still need the pass
     with pytest.raises(leanlm.LeanLMError, match="sequential"):
         quantize(tiny_llama(), {"name": "x", "rules": [{"pattern": "*", "weight": "int8"}], "options": {"sequential": "no"}})
+
+
+def test_non_sequential_rtn_calibration_feeds_float_activations(monkeypatch):
+    import leanlm.quant.ptq as ptq
+
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(3))
+    ranged = []
+    real_ranges = ptq.calibrate_ranges
+    monkeypatch.setattr(ptq, "calibrate_ranges", lambda *a, **k: ranged.append(1) or real_ranges(*a, **k))
+    ref, model = tiny_llama(layers=2), tiny_llama(layers=2)
+    seen = []
+    ref.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].abs().amax()))
+    with torch.no_grad():
+        for row in calib:
+            ref(row[None])
+    quantize(model, {"name": "fp8_fast", "rules": [{"pattern": "*", "weight": {"format": "fp8_e4m3", "block_size": 0},
+                                                    "input": {"format": "fp8_e4m3", "block_size": 0}}],
+                     "algorithm": "rtn", "options": {"sequential": False}}, calib=calib, progress=False)
+    assert ranged == []  # the ranges come from the float pass
+    # Layer 1's range is that of the float model's activations, not the quantized layer 0's outputs.
+    torch.testing.assert_close(model.model.layers[1].self_attn.q_proj.input_amax.reshape(()),
+                               torch.stack(seen).amax())

@@ -112,14 +112,16 @@ def _needs_sample(recipe: Recipe) -> bool:
 def calibrate_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict,
                     recipe: Recipe, freeze: bool = True) -> list[torch.Tensor] | None:
     """Calibrate every quantizer inside one decoder layer and freeze its weights (or, with `freeze`
-    off, leave them float and fake-quantized for QAT). Returns the layer's outputs when the range pass
-    produced them (see `calibrate_ranges`), else None."""
+    off, leave them float and fake-quantized for QAT). Returns the layer's outputs for the next layer:
+    its float outputs when the recipe is not sequential, else those of the range pass when there was
+    one (see `calibrate_ranges`), else None."""
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
     kvqs = [m for m in layer.modules() if isinstance(m, KVQuantizer)]
     opts = recipe.options
     data_algos = [a for a in recipe.algorithm if a != "rtn"]
     maxima, float_outputs = None, None
-    if data_algos and linears:
+    # Not sequential: the float pass also hands the next layer its input, so it runs for RTN recipes too.
+    if (data_algos or not opts["sequential"]) and linears:
         stats, float_outputs = collect_input_stats(
             layer, linears, hidden, kwargs, hessian="gptq" in data_algos,
             sample_tokens=opts["sample_tokens"] if _needs_sample(recipe) else 0, keep_outputs=not opts["sequential"])
@@ -135,14 +137,12 @@ def calibrate_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict,
     if freeze:  # the weights are final: the range pass runs on their cached dequantization
         for q in linears.values():
             q.freeze()
-    if float_outputs is not None:  # not sequential: the next layer reads the float outputs
-        derived = not kvqs and opts["act_calibration"] == "max" and ranges_from_maxima(linears, maxima)
-        if not derived:
-            calibrate_ranges(layer, linears.values(), kvqs, hidden, kwargs, opts["act_calibration"],
-                             opts["percentile"])
+    if float_outputs is not None and not kvqs and opts["act_calibration"] == "max" \
+            and ranges_from_maxima(linears, maxima):
         return float_outputs
-    return calibrate_ranges(layer, linears.values(), kvqs, hidden, kwargs, opts["act_calibration"],
-                            opts["percentile"])
+    outputs = calibrate_ranges(layer, linears.values(), kvqs, hidden, kwargs, opts["act_calibration"],
+                               opts["percentile"])
+    return outputs if float_outputs is None else float_outputs  # not sequential: the next layer reads float
 
 
 def ranges_from_maxima(linears: dict[str, QuantLinear], maxima: dict[str, torch.Tensor]) -> bool:
