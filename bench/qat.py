@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from leanlm.atomic import atomic_write_text  # noqa: E402
 from result_rows import ResultRows  # noqa: E402  (bench/ sits first on sys.path when run as a script)
 
 RESULTS = ROOT / "bench" / "results"
@@ -111,25 +112,24 @@ def main() -> None:
     sft_key = hashlib.sha256(json.dumps([args.model, args.data, asdict(sft_cfg)], sort_keys=True).encode()).hexdigest()[:12]
     sft_dir = WORK / f"{args.model}_sft_{sft_key}"
     sft_record = sft_dir / "leanlm_sft.json"  # its training time and steps, for the float_ft row of a rerun
-    need_sft_model = args.sft_first and not sft_record.is_file()
-    if need_sft_model or ((args.float_ft or args.sft_first) and not results.done("-", "float_ft")):
-        if not need_sft_model and args.sft_first:
-            kept = json.loads(sft_record.read_text())
-            record("-", "float_ft", leanlm.load(sft_dir)[0], kept["seconds"], {"steps": kept["steps"]})
+    if args.sft_first or (args.float_ft and not results.done("-", "float_ft")):
+        if args.sft_first and sft_record.is_file():
+            ft, kept = leanlm.load(sft_dir)[0], json.loads(sft_record.read_text())
         else:
             from leanlm.train import train, trainable_parameters
             from leanlm.train.distill import ce_loss_fn
 
-            m = copy.deepcopy(base)
+            ft = copy.deepcopy(base)
             t = time.perf_counter()
-            hist = train(m, trainable_parameters(m), data, ce_loss_fn, sft_cfg, desc="float fine-tune")
-            seconds = time.perf_counter() - t
-            record("-", "float_ft", m, seconds, {"steps": hist[-1]["step"]})
+            hist = train(ft, trainable_parameters(ft), data, ce_loss_fn, sft_cfg, desc="float fine-tune")
+            kept = {"seconds": round(time.perf_counter() - t, 1), "steps": hist[-1]["step"]}
             if args.sft_first:
-                leanlm.save(m, tok, sft_dir, overwrite=True)
-                sft_record.write_text(json.dumps({"seconds": round(seconds, 1), "steps": hist[-1]["step"]}))
-    if args.sft_first:  # everything below starts from the fine-tuned float model, and it is the teacher
-        base, _ = leanlm.load(sft_dir)
+                leanlm.save(ft, tok, sft_dir, overwrite=True)
+                atomic_write_text(sft_record, json.dumps(kept))
+        if not results.done("-", "float_ft"):
+            record("-", "float_ft", ft, kept["seconds"], {"steps": kept["steps"]})
+        if args.sft_first:  # everything below starts from the fine-tuned float model, and it is the teacher
+            base = ft
     for recipe in args.recipes:
         if not results.done(recipe, "ptq"):
             m = copy.deepcopy(base)
