@@ -158,13 +158,20 @@ def test_nvfp4_global_amax_override():
     assert torch.equal(a.global_scale, b.global_scale)
 
 
-def test_non_sequential_calibration_takes_ranges_from_the_statistics_pass(monkeypatch):
+@pytest.fixture
+def range_passes(monkeypatch):
+    """A list that grows by one at every range pass (`calibrate_ranges`) of a layer."""
     import leanlm.quant.ptq as ptq
 
+    calls = []
+    real = ptq.calibrate_ranges
+    monkeypatch.setattr(ptq, "calibrate_ranges", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_non_sequential_calibration_takes_ranges_from_the_statistics_pass(range_passes):
     calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(9))
-    ranged = []
-    real_ranges = ptq.calibrate_ranges
-    monkeypatch.setattr(ptq, "calibrate_ranges", lambda *a, **k: ranged.append(1) or real_ranges(*a, **k))
+    ranged = range_passes
     seq, fast = tiny_llama(layers=2), tiny_llama(layers=2)
     quantize(seq, "int8_sq", calib=calib, progress=False)
     assert len(ranged) == 2  # sequential: a range pass per layer
@@ -190,13 +197,9 @@ def test_non_sequential_calibration_takes_ranges_from_the_statistics_pass(monkey
         quantize(tiny_llama(), {"name": "x", "rules": [{"pattern": "*", "weight": "int8"}], "options": {"sequential": "no"}})
 
 
-def test_non_sequential_rtn_calibration_feeds_float_activations(monkeypatch):
-    import leanlm.quant.ptq as ptq
-
+def test_non_sequential_rtn_calibration_feeds_float_activations(range_passes):
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(3))
-    ranged = []
-    real_ranges = ptq.calibrate_ranges
-    monkeypatch.setattr(ptq, "calibrate_ranges", lambda *a, **k: ranged.append(1) or real_ranges(*a, **k))
+    ranged = range_passes
     ref, model = tiny_llama(layers=2), tiny_llama(layers=2)
     seen = []
     ref.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].abs().amax()))
