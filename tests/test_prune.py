@@ -74,6 +74,24 @@ def test_dead_hidden_channel_ranks_last_and_prunes_away_harmlessly(make):
         assert torch.allclose(small(ids).logits, model(ids).logits, atol=2e-3)
 
 
+@pytest.mark.parametrize("make", MODELS)
+def test_silent_query_heads_prune_away_without_changing_the_logits(make):
+    from leanlm.prune.shapes import attention_shape
+
+    model = make()
+    n_heads, n_kv, hd, _ = attention_shape(model)
+    silent = [1, n_heads - 1]  # one query head in the first and the last KV group
+    with torch.no_grad():  # their attention outputs never reach the residual stream
+        for layer in model.model.layers:
+            for h in silent:
+                layer.self_attn.o_proj.weight[:, h * hd:(h + 1) * hd] = 0
+    ids = _ids()
+    small = prune(model, ids, heads=n_heads - n_kv)
+    assert small.config.num_attention_heads == n_heads - n_kv
+    with torch.no_grad():
+        assert torch.allclose(small(ids).logits, model(ids).logits, atol=1e-5)
+
+
 def test_planted_dead_head_and_neuron_rank_last():
     model = tiny_llama()
     with torch.no_grad():

@@ -1,9 +1,11 @@
 """Activation-based importance (Minitron): which heads, KV groups, MLP neurons, hidden channels and
 layers matter, from one calibration forward loop.
 
-- head: mean over tokens of the L2 norm of the head's attention output (the input of o_proj);
+- head: mean over tokens of the L2 norm of what the head writes to the residual stream (its attention
+  output through its columns of o_proj);
 - KV group: the sum over the query heads that share it;
-- neuron: mean |activation| entering down_proj;
+- neuron: mean |activation| entering down_proj (weighting it by the neuron's down_proj column, as
+  for heads, made SmolLM2 pruned to 70% worse: 58 against 51 perplexity before distillation);
 - hidden channel: mean |output| of every norm that writes the residual stream's width, summed;
 - layer: block importance, mean over tokens of 1 - cos(layer input, layer output); optionally the
   increase of the calibration loss when the layer alone is skipped (`layer_loss_importance`).
@@ -50,9 +52,12 @@ def importance(model: nn.Module, forward_loop: Callable[[nn.Module], None]) -> I
         return x.reshape(-1, x.shape[-1]).float()
 
     for i, layer in enumerate(layers):
+        # Scored by what reaches the residual stream: Minitron's pre-projection norm cannot see a head
+        # whose o_proj columns are (near) zero (SmolLM2 cut to 6 of 9 heads and 1056 of 1536 neurons: 1055 -> 139 perplexity).
         def on_o(mod, args, i=i):
-            x = tokens_of(args[0])
-            heads[i] += x.reshape(len(x), n_heads, head_dim).norm(dim=-1).sum(0).double()
+            x = tokens_of(args[0]).reshape(-1, n_heads, head_dim)
+            w = mod.weight.float().reshape(mod.out_features, n_heads, head_dim)
+            heads[i] += torch.einsum("thd,ohd->tho", x, w).norm(dim=-1).sum(0).double()
 
         def on_down(mod, args, i=i):
             neurons[i] += tokens_of(args[0]).abs().sum(0).double()
