@@ -127,7 +127,7 @@ def test_formats_without_native_kernels_say_why(recipe, why):
     assert len(eng.generate(torch.tensor([1, 2, 3]), 4).tokens) == 4
 
 
-def test_other_architectures_and_hidden_states_use_the_compiled_step():
+def test_other_architectures_use_the_compiled_step():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from leanlm.engine.native_step import Unsupported, check_architecture
@@ -137,7 +137,6 @@ def test_other_architectures_and_hidden_states_use_the_compiled_step():
     capped = tiny_gemma3()
     capped.config.final_logit_softcapping = 30.0
     assert "final logit softcapping" in Engine(capped, max_len=32, compile=False).native_error
-    assert "hidden states" in Engine(tiny_llama(), max_len=32, compile=False, hidden_layers=(1,)).native_error
 
 
 def test_gemma3_sliding_window_layers_decode_natively_past_the_window():
@@ -156,3 +155,32 @@ def test_a_disagreeing_native_step_is_not_used(monkeypatch):
         eng = Engine(tiny_llama(), max_len=32, compile=False)
     assert "probe mismatch" in eng.native_error
     assert eng.length == 0
+
+
+def _int4_llama():
+    model = tiny_llama(vocab=256, layers=2)
+    leanlm.quantize(model, "w4a16_rtn_g64", torch.randint(0, 256, (4, 32)), progress=False)
+    return model
+
+
+@pytest.mark.parametrize("make,tol", [(tiny_llama, 1e-4), (tiny_qwen2, 1e-4), (lambda: tiny_gemma3(sliding_window=8), 1e-4),
+                                      (_int4_llama, 1e-2)])
+def test_chains_of_tokens_step_natively_with_hidden_states_and_rollback(make, tol):
+    """Verifying drafts: several tokens in one native call give the eager model's logits and hidden
+    states (embeddings, a middle layer, the final norm), across rollbacks and a sliding window."""
+    model = make()
+    layers = model.config.num_hidden_layers
+    keep = (0, 1, layers)
+    eng = Engine(model, max_len=64, compile=False, hidden_layers=keep)
+    ref = Engine(model, max_len=64, compile=False, native=False, hidden_layers=keep)
+    assert eng.native_error is None
+    prompt = torch.arange(3, 9)
+    eng.prefill(prompt), ref.prefill(prompt)
+    for chain, kept in [([5, 6, 7, 8], 2), ([9], 1), ([10, 11, 12, 13, 14], 5), (list(range(20, 36)), 16)]:
+        got, want = eng.forward(torch.tensor(chain)), ref.forward(torch.tensor(chain))
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, atol=tol * scale, rtol=0)
+        assert eng.hidden.shape == ref.hidden.shape == (len(chain), len(keep) * model.config.hidden_size)
+        torch.testing.assert_close(eng.hidden, ref.hidden, atol=tol * ref.hidden.abs().max().item(), rtol=0)
+        back = eng.length - len(chain) + kept
+        eng.rollback(back), ref.rollback(back)

@@ -11,11 +11,17 @@
 // same dot-product instruction, so the subtraction cancels in float32 lane by lane.
 // Activations stay float32 between products; the KV cache is the engine's (float32 or bf16), so
 // compiled multi-token steps and rollbacks share it.
+// `steps` runs several consecutive tokens at once (verifying a chain of drafts): each block of weight
+// rows is read from memory once and multiplied into every token's input while it sits in L1, so a
+// few tokens cost about what one does. It can also return hidden states (EAGLE-3 drafting reads them).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <pybind11/stl.h>
+
 #include <cmath>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -53,7 +59,9 @@ inline float from_bf16(uint16_t b) {
 struct Linear {
   int64_t kind, N, K, Kp, group;
   torch::Tensor w, scale, offset, bias, smooth;
-  // Scratch: the prepared input (float, bf16, and per-group lane sums for I4).
+  // Scratch: the prepared inputs, one row of `stride` per token (float, bf16 zero-padded to a multiple
+  // of 64, and per-group lane sums for I4).
+  int64_t stride = 0, capacity = 0;
   std::vector<float> xf;
   std::vector<uint16_t> xb;
   std::vector<float> sum136, sum1;
@@ -80,13 +88,19 @@ struct Linear {
     }
     if (bias_.has_value()) bias = bias_->to(torch::kFloat32).contiguous();
     if (smooth_.has_value()) smooth = smooth_->to(torch::kFloat32).contiguous();
-    const int64_t padded = (Kp + 63) / 64 * 64;
-    xf.assign(padded, 0.f);
-    xb.assign(padded, 0);
+    stride = (Kp + 63) / 64 * 64;
+    reserve(1);
+  }
+
+  void reserve(int64_t rows) {
+    if (rows <= capacity) return;
+    xf.assign(rows * stride, 0.f);
+    xb.assign(rows * stride, 0);  // the padding past K stays zero: masked tails read it
     if (kind == I4) {
-      sum136.assign(Kp / group * 16, 0.f);
-      sum1.assign(Kp / group * 16, 0.f);
+      sum136.assign(rows * (Kp / group) * 16, 0.f);
+      sum1.assign(rows * (Kp / group) * 16, 0.f);
     }
+    capacity = rows;
   }
 
   // Row n of the weight as the product reads it (dequantized, smoothing undone) into out[K]: the
@@ -116,28 +130,35 @@ struct Linear {
       for (int64_t k = 0; k < K; ++k) out[k] /= smooth.data_ptr<float>()[k];
   }
 
-  // Called once per step before any thread computes rows.
-  void prepare(const float* x) {
+  // Called once per step, for the step's `rows` inputs x [rows, K], before any thread computes rows.
+  void prepare(const float* x, int64_t rows) {
+    reserve(rows);
     const float* sm = smooth.defined() ? smooth.data_ptr<float>() : nullptr;
-    for (int64_t k = 0; k < K; ++k) xf[k] = sm ? x[k] / sm[k] : x[k];
-    if (kind == BF16 || kind == I4)
-      for (int64_t k = 0; k < K; ++k) xb[k] = to_bf16(xf[k]);
+    for (int64_t t = 0; t < rows; ++t) {
+      const float* xt = x + t * K;
+      float* f = xf.data() + t * stride;
+      uint16_t* b16 = xb.data() + t * stride;
+      for (int64_t k = 0; k < K; ++k) f[k] = sm ? xt[k] / sm[k] : xt[k];
+      if (kind == BF16 || kind == I4)
+        for (int64_t k = 0; k < K; ++k) b16[k] = to_bf16(f[k]);
 #ifdef LEANLM_NATIVE
-    if (kind == I4) {
-      const __m512bh c136 = (__m512bh)_mm512_set1_epi16(0x4308);  // bf16 136.0
-      const __m512bh c1 = (__m512bh)_mm512_set1_epi16(0x3F80);    // bf16 1.0
-      for (int64_t g = 0; g < Kp / group; ++g) {
-        __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
-        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb.data() + k);
-          a = _mm512_dpbf16_ps(a, c136, xv);
-          if (offset.defined()) b = _mm512_dpbf16_ps(b, c1, xv);  // only asymmetric codes read sum x
+      if (kind == I4) {
+        const int64_t G = Kp / group;
+        const __m512bh c136 = (__m512bh)_mm512_set1_epi16(0x4308);  // bf16 136.0
+        const __m512bh c1 = (__m512bh)_mm512_set1_epi16(0x3F80);    // bf16 1.0
+        for (int64_t g = 0; g < G; ++g) {
+          __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+          for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(b16 + k);
+            a = _mm512_dpbf16_ps(a, c136, xv);
+            if (offset.defined()) b = _mm512_dpbf16_ps(b, c1, xv);  // only asymmetric codes read sum x
+          }
+          _mm512_storeu_ps(sum136.data() + (t * G + g) * 16, a);
+          _mm512_storeu_ps(sum1.data() + (t * G + g) * 16, b);
         }
-        _mm512_storeu_ps(sum136.data() + g * 16, a);
-        _mm512_storeu_ps(sum1.data() + g * 16, b);
       }
-    }
 #endif
+    }
   }
 
 #ifdef LEANLM_NATIVE
@@ -151,8 +172,11 @@ struct Linear {
 
   // R rows of INT4 codes at once: each input chunk is loaded once for all of them.
   template <int R>
-  void i4_rows(float* y, int64_t n, const float* bs) const {
+  void i4_rows(float* y, int64_t n, const float* bs, int64_t t) const {
     const int64_t G = Kp / group, stride = Kp / 2;
+    const uint16_t* xbt = xb.data() + t * this->stride;
+    const float* s136t = sum136.data() + t * G * 16;
+    const float* s1t = sum1.data() + t * G * 16;
     const uint8_t* w0 = w.data_ptr<uint8_t>() + n * stride;
     const float* s0 = scale.data_ptr<float>() + n * G;
     const float* o0 = offset.defined() ? offset.data_ptr<float>() + n * G : nullptr;
@@ -165,8 +189,8 @@ struct Linear {
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) d[r] = _mm512_setzero_ps();
       for (int64_t k = g * group; k < (g + 1) * group; k += 64) {
-        const __m512bh xlo = (__m512bh)_mm512_loadu_si512(xb.data() + k);
-        const __m512bh xhi = (__m512bh)_mm512_loadu_si512(xb.data() + k + 32);
+        const __m512bh xlo = (__m512bh)_mm512_loadu_si512(xbt + k);
+        const __m512bh xhi = (__m512bh)_mm512_loadu_si512(xbt + k + 32);
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
           prefetch(w0 + r * stride + k / 2, 1);
@@ -178,11 +202,11 @@ struct Linear {
           d[r] = _mm512_dpbf16_ps(d[r], (__m512bh)hi, xhi);
         }
       }
-      const __m512 s136 = _mm512_loadu_ps(sum136.data() + g * 16);
+      const __m512 s136 = _mm512_loadu_ps(s136t + g * 16);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         acc[r] = _mm512_fmadd_ps(_mm512_sub_ps(d[r], s136), _mm512_set1_ps(s0[r * G + g]), acc[r]);
-        if (o0) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(sum1.data() + g * 16), _mm512_set1_ps(o0[r * G + g]), acc[r]);
+        if (o0) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(s1t + g * 16), _mm512_set1_ps(o0[r * G + g]), acc[r]);
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -192,10 +216,12 @@ struct Linear {
   }
 #endif
 
-  // y[n] for n in [n0, n1).
-  void rows(float* y, int64_t n0, int64_t n1) const {
+  // y[n] for n in [n0, n1), of token t's prepared input.
+  void rows(float* y, int64_t n0, int64_t n1, int64_t t) const {
 #ifdef LEANLM_NATIVE
     const float* bs = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    const float* xft = xf.data() + t * stride;
+    const uint16_t* xbt = xb.data() + t * stride;
     const int64_t full16 = K / 16 * 16;
     const __mmask16 tail16 = static_cast<__mmask16>((1u << (K - full16)) - 1u);
     for (int64_t n = n0; n < n1; ++n) {
@@ -206,11 +232,11 @@ struct Linear {
         int64_t k = 0;
         for (; k + 32 <= K; k += 32) {
           prefetch(wr + k, 2);
-          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + k), _mm512_loadu_ps(xf.data() + k), a0);
-          a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + k + 16), _mm512_loadu_ps(xf.data() + k + 16), a1);
+          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + k), _mm512_loadu_ps(xft + k), a0);
+          a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + k + 16), _mm512_loadu_ps(xft + k + 16), a1);
         }
-        for (; k < full16; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + k), _mm512_loadu_ps(xf.data() + k), a0);
-        if (k < K) a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail16, wr + k), _mm512_loadu_ps(xf.data() + k), a1);
+        for (; k < full16; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + k), _mm512_loadu_ps(xft + k), a0);
+        if (k < K) a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail16, wr + k), _mm512_loadu_ps(xft + k), a1);
         out = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
       } else if (kind == BF16) {
         const uint16_t* wr = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()) + n * K;
@@ -218,14 +244,14 @@ struct Linear {
         int64_t k = 0;
         for (; k + 64 <= K; k += 64) {
           prefetch(wr + k, 2);
-          a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(wr + k), (__m512bh)_mm512_loadu_si512(xb.data() + k));
+          a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(wr + k), (__m512bh)_mm512_loadu_si512(xbt + k));
           a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(wr + k + 32),
-                                (__m512bh)_mm512_loadu_si512(xb.data() + k + 32));
+                                (__m512bh)_mm512_loadu_si512(xbt + k + 32));
         }
         for (; k < K; k += 32) {  // the bf16 input is zero-padded: a masked weight load is enough
           const __mmask32 m = K - k >= 32 ? ~0u : static_cast<__mmask32>((1ull << (K - k)) - 1u);
           a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(m, wr + k),
-                                (__m512bh)_mm512_loadu_si512(xb.data() + k));
+                                (__m512bh)_mm512_loadu_si512(xbt + k));
         }
         out = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
       } else if (kind == I8) {
@@ -237,19 +263,19 @@ struct Linear {
 #pragma GCC unroll 4
           for (int j = 0; j < 4; ++j)
             a[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wr + k + 16 * j)))),
-                                   _mm512_loadu_ps(xf.data() + k + 16 * j), a[j]);
+                                   _mm512_loadu_ps(xft + k + 16 * j), a[j]);
         }
         for (; k < K; k += 16) {
           const __mmask16 m = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : tail16;
           const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, wr + k)));
-          a[0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xf.data() + k), a[0]);
+          a[0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xft + k), a[0]);
         }
         out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]))) *
               scale.data_ptr<float>()[n];
       } else {  // I4
         const int64_t nr = std::min<int64_t>(4, n1 - n);
-        if (nr == 4) i4_rows<4>(y, n, bs); else if (nr == 3) i4_rows<3>(y, n, bs);
-        else if (nr == 2) i4_rows<2>(y, n, bs); else i4_rows<1>(y, n, bs);
+        if (nr == 4) i4_rows<4>(y, n, bs, t); else if (nr == 3) i4_rows<3>(y, n, bs, t);
+        else if (nr == 2) i4_rows<2>(y, n, bs, t); else i4_rows<1>(y, n, bs, t);
         n += nr - 1;
         continue;
       }
@@ -261,19 +287,29 @@ struct Linear {
   }
 };
 
-// Products of several linears sharing one pass of the thread pool (q/k/v, gate/up).
-void run(const std::vector<std::pair<Linear*, float*>>& jobs, const float* x) {
+// Products of several linears sharing one pass of the thread pool (q/k/v, gate/up), for `tokens`
+// inputs x [tokens, K]; each job's output is [tokens, N].
+constexpr int64_t ROW_BLOCK = 4;  // weight rows reused across the tokens while in L1
+
+void run(const std::vector<std::pair<Linear*, float*>>& jobs, const float* x, int64_t tokens = 1) {
   int64_t total = 0;
   for (const auto& j : jobs) {
-    j.first->prepare(x);
+    j.first->prepare(x, tokens);
     total += j.first->N;
   }
   at::parallel_for(0, total, 16, [&](int64_t r0, int64_t r1) {
     int64_t base = 0;
     for (const auto& j : jobs) {
-      const int64_t a = std::max(r0, base), b = std::min(r1, base + j.first->N);
-      if (a < b) j.first->rows(j.second, a - base, b - base);
-      base += j.first->N;
+      Linear* l = j.first;
+      const int64_t a = std::max(r0, base) - base, b = std::min(r1, base + l->N) - base;
+      base += l->N;
+      if (a >= b) continue;
+      if (tokens == 1) {
+        l->rows(j.second, a, b, 0);
+        continue;
+      }
+      for (int64_t n = a; n < b; n += ROW_BLOCK)
+        for (int64_t t = 0; t < tokens; ++t) l->rows(j.second + t * l->N, n, std::min(b, n + ROW_BLOCK), t);
     }
   });
 }
@@ -341,59 +377,92 @@ class Decoder {
   }
 
   // Logits [1, vocab] (float32) of `token` at position `pos`, whose keys and values are written at `pos`.
-  torch::Tensor step(int64_t token, int64_t pos) {
+  torch::Tensor step(int64_t token, int64_t pos) { return std::get<0>(steps({token}, pos, {})); }
+
+  // Logits [n, vocab] (float32) of the n consecutive `tokens` at positions pos.., each attending to the
+  // cache and the tokens before it; their keys and values are written at pos... Also the hidden states
+  // named by `keep` (transformers' `hidden_states` indices: 0 the embeddings, i < layers the output of
+  // layer i - 1, i == layers the final norm's output) side by side, [n, keep.size() * hidden].
+  std::tuple<torch::Tensor, torch::Tensor> steps(const std::vector<int64_t>& tokens, int64_t pos,
+                                                 const std::vector<int64_t>& keep) {
     TORCH_CHECK(!layers_.empty(), "decode_step: no layers");
-    TORCH_CHECK(pos >= 0 && pos < layers_[0].keys.size(2), "decode_step: position ", pos, " outside the cache");
-    TORCH_CHECK(token >= 0 && token < vocab_, "decode_step: token ", token, " outside the vocabulary");
-    const int64_t Hd = hidden_, inter = layers_[0].gate->N;
-    std::vector<float> h(Hd), x(Hd), q(H_ * D_), k(KVH_ * D_), v(KVH_ * D_), att(H_ * D_), tmp(Hd),
-        g(inter), u(inter);
-    if (!embed_.defined()) {
-      head_->row(token, h.data());
-    } else if (embed_.scalar_type() == torch::kFloat32) {
-      std::memcpy(h.data(), embed_.data_ptr<float>() + token * Hd, Hd * sizeof(float));
-    } else {
-      const uint16_t* e = reinterpret_cast<const uint16_t*>(embed_.data_ptr<at::BFloat16>()) + token * Hd;
-      for (int64_t i = 0; i < Hd; ++i) h[i] = from_bf16(e[i]);
-    }
-    if (embed_scale_ != 1.0)
-      for (auto& e : h) e *= static_cast<float>(embed_scale_);
-    for (auto& L : layers_) {
-      const float* cs = L.cos.data_ptr<float>() + pos * D_;
-      const float* sn = L.sin.data_ptr<float>() + pos * D_;
-      rms_norm(h.data(), L.ln1.data_ptr<float>(), x.data(), Hd, eps_);
-      run({{L.q.get(), q.data()}, {L.k.get(), k.data()}, {L.v.get(), v.data()}}, x.data());
-      if (L.q_norm.defined()) {
-        for (int64_t hh = 0; hh < H_; ++hh) rms_norm(&q[hh * D_], L.q_norm.data_ptr<float>(), &q[hh * D_], D_, eps_);
-        for (int64_t hh = 0; hh < KVH_; ++hh) rms_norm(&k[hh * D_], L.k_norm.data_ptr<float>(), &k[hh * D_], D_, eps_);
+    const int64_t n = static_cast<int64_t>(tokens.size()), nl = static_cast<int64_t>(layers_.size());
+    TORCH_CHECK(n >= 1, "decode_step: no tokens");
+    TORCH_CHECK(pos >= 0 && pos + n <= layers_[0].keys.size(2), "decode_step: positions ", pos, "..", pos + n - 1,
+                " outside the cache");
+    for (int64_t t : tokens) TORCH_CHECK(t >= 0 && t < vocab_, "decode_step: token ", t, " outside the vocabulary");
+    for (int64_t i : keep) TORCH_CHECK(i >= 0 && i <= nl, "decode_step: hidden state ", i, " outside 0..", nl);
+    const int64_t Hd = hidden_, inter = layers_[0].gate->N, QD = H_ * D_, KD = KVH_ * D_;
+    std::vector<float> h(n * Hd), x(n * Hd), q(n * QD), k(n * KD), v(n * KD), att(n * QD), tmp(n * Hd),
+        g(n * inter), u(n * inter);
+    auto hidden = torch::empty({n, static_cast<int64_t>(keep.size()) * Hd}, torch::kFloat32);
+    auto save = [&](int64_t index, const std::vector<float>& src) {
+      for (size_t j = 0; j < keep.size(); ++j)
+        if (keep[j] == index)
+          for (int64_t t = 0; t < n; ++t)
+            std::memcpy(hidden.data_ptr<float>() + (t * keep.size() + j) * Hd, src.data() + t * Hd, Hd * sizeof(float));
+    };
+    for (int64_t t = 0; t < n; ++t) {
+      float* ht = h.data() + t * Hd;
+      if (!embed_.defined()) {
+        head_->row(tokens[t], ht);
+      } else if (embed_.scalar_type() == torch::kFloat32) {
+        std::memcpy(ht, embed_.data_ptr<float>() + tokens[t] * Hd, Hd * sizeof(float));
+      } else {
+        const uint16_t* e = reinterpret_cast<const uint16_t*>(embed_.data_ptr<at::BFloat16>()) + tokens[t] * Hd;
+        for (int64_t i = 0; i < Hd; ++i) ht[i] = from_bf16(e[i]);
       }
-      rope(q.data(), H_, cs, sn);
-      rope(k.data(), KVH_, cs, sn);
-      store(L, k.data(), v.data(), pos);
-      const int64_t first = L.window > 0 ? std::max<int64_t>(0, pos - L.window + 1) : 0;
-      attend(L, q.data(), att.data(), first, pos + 1);
-      run({{L.o.get(), tmp.data()}}, att.data());
-      if (L.post_attn.defined()) rms_norm(tmp.data(), L.post_attn.data_ptr<float>(), tmp.data(), Hd, eps_);
-      for (int64_t i = 0; i < Hd; ++i) h[i] += tmp[i];
-      rms_norm(h.data(), L.ln2.data_ptr<float>(), x.data(), Hd, eps_);
-      run({{L.gate.get(), g.data()}, {L.up.get(), u.data()}}, x.data());
+      if (embed_scale_ != 1.0)
+        for (int64_t i = 0; i < Hd; ++i) ht[i] *= static_cast<float>(embed_scale_);
+    }
+    save(0, h);
+    auto norm_rows = [&](const float* src, const float* w, float* dst, int64_t rows, int64_t width) {
+      for (int64_t t = 0; t < rows; ++t) rms_norm(src + t * width, w, dst + t * width, width, eps_);
+    };
+    for (int64_t li = 0; li < nl; ++li) {
+      Layer& L = layers_[li];
+      norm_rows(h.data(), L.ln1.data_ptr<float>(), x.data(), n, Hd);
+      run({{L.q.get(), q.data()}, {L.k.get(), k.data()}, {L.v.get(), v.data()}}, x.data(), n);
+      if (L.q_norm.defined()) {
+        norm_rows(q.data(), L.q_norm.data_ptr<float>(), q.data(), n * H_, D_);
+        norm_rows(k.data(), L.k_norm.data_ptr<float>(), k.data(), n * KVH_, D_);
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        const float* cs = L.cos.data_ptr<float>() + (pos + t) * D_;
+        const float* sn = L.sin.data_ptr<float>() + (pos + t) * D_;
+        rope(q.data() + t * QD, H_, cs, sn);
+        rope(k.data() + t * KD, KVH_, cs, sn);
+        store(L, k.data() + t * KD, v.data() + t * KD, pos + t);
+      }
+      for (int64_t t = 0; t < n; ++t) {  // token t sees the cache and the new tokens up to itself
+        const int64_t p = pos + t;
+        const int64_t first = L.window > 0 ? std::max<int64_t>(0, p - L.window + 1) : 0;
+        attend(L, q.data() + t * QD, att.data() + t * QD, first, p + 1);
+      }
+      run({{L.o.get(), tmp.data()}}, att.data(), n);
+      if (L.post_attn.defined()) norm_rows(tmp.data(), L.post_attn.data_ptr<float>(), tmp.data(), n, Hd);
+      for (int64_t i = 0; i < n * Hd; ++i) h[i] += tmp[i];
+      norm_rows(h.data(), L.ln2.data_ptr<float>(), x.data(), n, Hd);
+      run({{L.gate.get(), g.data()}, {L.up.get(), u.data()}}, x.data(), n);
       if (act_ == 0) {
-        for (int64_t i = 0; i < inter; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+        for (int64_t i = 0; i < n * inter; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
       } else {  // gelu, tanh approximation
-        for (int64_t i = 0; i < inter; ++i) {
+        for (int64_t i = 0; i < n * inter; ++i) {
           const float a = g[i];
           g[i] = 0.5f * a * (1.f + std::tanh(0.7978845608028654f * (a + 0.044715f * a * a * a))) * u[i];
         }
       }
-      run({{L.down.get(), tmp.data()}}, g.data());
-      if (L.post_ffn.defined()) rms_norm(tmp.data(), L.post_ffn.data_ptr<float>(), tmp.data(), Hd, eps_);
-      for (int64_t i = 0; i < Hd; ++i) h[i] += tmp[i];
-      *L.length.data_ptr<int64_t>() = pos + 1;
+      run({{L.down.get(), tmp.data()}}, g.data(), n);
+      if (L.post_ffn.defined()) norm_rows(tmp.data(), L.post_ffn.data_ptr<float>(), tmp.data(), n, Hd);
+      for (int64_t i = 0; i < n * Hd; ++i) h[i] += tmp[i];
+      *L.length.data_ptr<int64_t>() = pos + n;
+      if (li + 1 < nl) save(li + 1, h);
     }
-    rms_norm(h.data(), norm_.data_ptr<float>(), x.data(), Hd, eps_);
-    auto logits = torch::empty({1, head_->N}, torch::kFloat32);
-    run({{head_.get(), logits.data_ptr<float>()}}, x.data());
-    return logits;
+    norm_rows(h.data(), norm_.data_ptr<float>(), x.data(), n, Hd);
+    save(nl, x);
+    auto logits = torch::empty({n, head_->N}, torch::kFloat32);
+    run({{head_.get(), logits.data_ptr<float>()}}, x.data(), n);
+    return {logits, hidden};
   }
 
  private:
@@ -521,5 +590,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<c10::optional<torch::Tensor>, double, torch::Tensor, std::shared_ptr<Linear>, double,
                           int64_t, int64_t, int64_t, double, int64_t>())
       .def("add_layer", &Decoder::add_layer)
-      .def("step", &Decoder::step, pybind11::call_guard<pybind11::gil_scoped_release>());
+      .def("step", &Decoder::step, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("steps", &Decoder::steps, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

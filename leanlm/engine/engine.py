@@ -15,10 +15,11 @@ attention takes a 4D mask and an explicit `position_ids`: Llama, Qwen2, Gemma-3,
   layer. Models with a quantized KV cache keep their quantizing attention.
 - Linear layers read their stored weights (float, or quantized codes) in one fused pass
   (`leanlm.kernels`).
-- Single-token steps of Llama-family and Gemma-3 models (float32, bf16, INT8 and INT4 weight-only)
-  run natively: the whole step is one C++ call (`native_step`), with no compilation at all. Other
-  models and formats, and every multi-token step, use the compiled step; both share the cache.
-  `native_error` says why a model decodes without the native step.
+- Steps of Llama-family and Gemma-3 models (float32, bf16, INT8 and INT4 weight-only) run natively:
+  a step of one token, or of a chain of up to 16 (verifying drafts, hidden states included), is one
+  C++ call (`native_step`), with no compilation at all. Other models and formats, tree-shaped steps
+  and prompts use the compiled or eager step; all share the cache. `native_error` says why a model
+  decodes without the native step.
 
 Compiled graphs are keyed by the number of tokens per step (1 for decoding, k+1 to verify k
 drafted tokens); inductor's on-disk cache makes a second process's compile much cheaper. If
@@ -150,8 +151,6 @@ class Engine:
         token before it is used."""
         from .native_step import Unsupported, build_decoder, check_architecture
 
-        if self.hidden_layers:
-            return None, "the engine keeps hidden states (EAGLE-3 drafting)"
         try:
             style = check_architecture(self.model, self.max_len)  # before paying for the probe step
             with torch.inference_mode():
@@ -269,9 +268,10 @@ class Engine:
         if start + n > self.max_len:
             raise ValueError(f"the engine's cache holds {self.max_len} tokens; {start} + {n} do not fit "
                              "(create the Engine with a larger max_len)")
-        if n == 1 and positions is None and self._native is not None:
-            self.hidden = None
-            return self._native.step(int(ids[0]), start)
+        if positions is None and tree is None and self._native is not None and n <= FUSED_MAX_ROWS:
+            logits, hidden = self._native.steps(ids.tolist(), start, list(self.hidden_layers))
+            self.hidden = hidden if self.hidden_layers else None
+            return logits
         if positions is None:
             positions = torch.arange(start, start + n)
         if tree is None:
@@ -300,6 +300,11 @@ class Engine:
     @property
     def length(self) -> int:
         return self.cache.length
+
+    def fixed_sizes(self, tree: bool = False) -> bool:
+        """Whether multi-token steps (of a tree, or a chain) run compiled, one graph per token count:
+        then callers keep their step sizes constant."""
+        return self.compile and (tree or self._native is None)
 
     # -- generation ---------------------------------------------------------------------------------
     def prepare(self, prompt, new_tokens: int, eos_token_id, seed):
@@ -347,8 +352,8 @@ class Engine:
             return 0.0
         before = self.compile_s
         for n in sizes:
-            if n == 1 and self._native is not None:
-                continue  # runs natively: nothing to compile
+            if n <= FUSED_MAX_ROWS and self._native is not None:
+                continue  # chains run natively: nothing to compile
             self.prefill(torch.zeros(1, dtype=torch.long))
             self.forward(torch.zeros(n, dtype=torch.long))
         self.rollback(0)

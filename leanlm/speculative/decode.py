@@ -143,9 +143,10 @@ def speculative_generate(engine: Engine, drafter, prompt: torch.Tensor, max_new_
     out.ttft_s = t1 - t0
     stopped = "eos" if first in eos else "length"
     while stopped == "length" and len(out.tokens) < max_new_tokens:
-        # A compiled engine keeps one graph per step length: always draft k (tokens past the end are
+        # A compiled step keeps one graph per step length: always draft k (tokens past the end are
         # cut), and pad short drafts (any token is a valid proposal); k+1 rows cost about what 1 does.
-        budget = k if engine.compile else min(k, max_new_tokens - len(out.tokens) - 1)
+        fixed = engine.fixed_sizes(tree)
+        budget = k if fixed else min(k, max_new_tokens - len(out.tokens) - 1)
         td = time.perf_counter()
         draft_probs = None
         if budget == 0:
@@ -155,7 +156,7 @@ def speculative_generate(engine: Engine, drafter, prompt: torch.Tensor, max_new_
         else:
             draft, draft_probs = drafter.propose(seq, budget, temperature, top_p, gen)
             parents = list(range(-1, len(draft) - 1))
-        if engine.compile and draft_probs is None and len(draft) < budget:
+        if fixed and draft_probs is None and len(draft) < budget:
             pad = budget - len(draft)
             if tree:  # extra children of the root
                 draft, parents = draft + [seq[-1]] * pad, parents + [-1] * pad
