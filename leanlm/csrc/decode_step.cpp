@@ -36,6 +36,7 @@ namespace {
 #endif
 
 enum Kind : int64_t { F32 = 0, BF16 = 1, I8 = 2, I4 = 3 };
+constexpr int64_t ROW_BLOCK = 4;  // quantized weight rows reused across a step's tokens while in L1
 
 inline uint16_t to_bf16(float f) {  // round to nearest even (activations are finite)
   uint32_t u;
@@ -216,6 +217,68 @@ struct Linear {
   }
 #endif
 
+#ifdef LEANLM_NATIVE
+  // Float32 or bf16 weights, several tokens: rows [n0, n1) for tokens t0..t0 + T - 1 (token t's output
+  // at y + t * ystride): each weight chunk is loaded once and feeds T independent accumulator chains.
+  template <int T>
+  void float_tokens(float* y, int64_t ystride, int64_t n0, int64_t n1, int64_t t0) const {
+    const float* bs = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    for (int64_t n = n0; n < n1; ++n) {
+      __m512 acc[T];
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+      if (kind == F32) {
+        const float* wr = w.data_ptr<float>() + n * K;
+        for (int64_t k = 0; k < K; k += 16) {
+          prefetch(wr + k, 1);
+          const __mmask16 m = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1u);
+          const __m512 wv = _mm512_maskz_loadu_ps(m, wr + k);
+#pragma GCC unroll 8
+          for (int t = 0; t < T; ++t)
+            acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xf.data() + (t0 + t) * stride + k), acc[t]);
+        }
+      } else {
+        const uint16_t* wr = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()) + n * K;
+        for (int64_t k = 0; k < K; k += 32) {  // the bf16 inputs are zero-padded: a masked weight load is enough
+          prefetch(wr + k, 1);
+          const __mmask32 m = K - k >= 32 ? ~0u : static_cast<__mmask32>((1ull << (K - k)) - 1u);
+          const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, wr + k);
+#pragma GCC unroll 8
+          for (int t = 0; t < T; ++t)
+            acc[t] = _mm512_dpbf16_ps(acc[t], wv, (__m512bh)_mm512_loadu_si512(xb.data() + (t0 + t) * stride + k));
+        }
+      }
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        const float o = _mm512_reduce_add_ps(acc[t]);
+        y[t * ystride + n] = bs ? o + bs[n] : o;
+      }
+    }
+  }
+
+  // Rows [n0, n1) of every token (token t's output at y + t * N).
+  void token_rows(float* y, int64_t n0, int64_t n1, int64_t tokens) const {
+    if (kind == F32 || kind == BF16) {
+      for (int64_t t0 = 0; t0 < tokens; t0 += 8) {
+        float* yt = y + t0 * N;
+        switch (std::min<int64_t>(8, tokens - t0)) {
+          case 1: float_tokens<1>(yt, N, n0, n1, t0); break;
+          case 2: float_tokens<2>(yt, N, n0, n1, t0); break;
+          case 3: float_tokens<3>(yt, N, n0, n1, t0); break;
+          case 4: float_tokens<4>(yt, N, n0, n1, t0); break;
+          case 5: float_tokens<5>(yt, N, n0, n1, t0); break;
+          case 6: float_tokens<6>(yt, N, n0, n1, t0); break;
+          case 7: float_tokens<7>(yt, N, n0, n1, t0); break;
+          default: float_tokens<8>(yt, N, n0, n1, t0); break;
+        }
+      }
+      return;
+    }
+    for (int64_t n = n0; n < n1; n += ROW_BLOCK)  // quantized rows: reused across the tokens while in L1
+      for (int64_t t = 0; t < tokens; ++t) rows(y + t * N, n, std::min(n1, n + ROW_BLOCK), t);
+  }
+#endif
+
   // y[n] for n in [n0, n1), of token t's prepared input.
   void rows(float* y, int64_t n0, int64_t n1, int64_t t) const {
 #ifdef LEANLM_NATIVE
@@ -289,8 +352,6 @@ struct Linear {
 
 // Products of several linears sharing one pass of the thread pool (q/k/v, gate/up), for `tokens`
 // inputs x [tokens, K]; each job's output is [tokens, N].
-constexpr int64_t ROW_BLOCK = 4;  // weight rows reused across the tokens while in L1
-
 void run(const std::vector<std::pair<Linear*, float*>>& jobs, const float* x, int64_t tokens = 1) {
   int64_t total = 0;
   for (const auto& j : jobs) {
@@ -306,10 +367,11 @@ void run(const std::vector<std::pair<Linear*, float*>>& jobs, const float* x, in
       if (a >= b) continue;
       if (tokens == 1) {
         l->rows(j.second, a, b, 0);
-        continue;
+      } else {
+#ifdef LEANLM_NATIVE
+        l->token_rows(j.second, a, b, tokens);
+#endif
       }
-      for (int64_t n = a; n < b; n += ROW_BLOCK)
-        for (int64_t t = 0; t < tokens; ++t) l->rows(j.second + t * l->N, n, std::min(b, n + ROW_BLOCK), t);
     }
   });
 }
