@@ -163,8 +163,8 @@ def _int4_llama():
     return model
 
 
-@pytest.mark.parametrize("make,tol", [(tiny_llama, 1e-4), (tiny_qwen2, 1e-4), (lambda: tiny_gemma3(sliding_window=8), 1e-4),
-                                      (_int4_llama, 1e-2)])
+@pytest.mark.parametrize("make,tol", [(tiny_llama, 1e-4), (tiny_qwen2, 1e-4),
+                                      (lambda: tiny_gemma3(sliding_window=8), 1e-4), (_int4_llama, 1e-2)])
 def test_chains_of_tokens_step_natively_with_hidden_states_and_rollback(make, tol):
     """Verifying drafts: several tokens in one native call give the eager model's logits and hidden
     states (embeddings, a middle layer, the final norm), across rollbacks and a sliding window."""

@@ -53,7 +53,8 @@ def importance(model: nn.Module, forward_loop: Callable[[nn.Module], None]) -> I
 
     for i, layer in enumerate(layers):
         # Scored by what reaches the residual stream: Minitron's pre-projection norm cannot see a head
-        # whose o_proj columns are (near) zero (SmolLM2 cut to 6 of 9 heads and 1056 of 1536 neurons: 1055 -> 139 perplexity).
+        # whose o_proj columns are (near) zero (SmolLM2 cut to 6 of 9 heads and 1056 of 1536 neurons:
+        # 1055 -> 139 perplexity).
         def on_o(mod, args, i=i):
             x = tokens_of(args[0]).reshape(-1, n_heads, head_dim)
             w = mod.weight.float().reshape(mod.out_features, n_heads, head_dim)
