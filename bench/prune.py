@@ -6,7 +6,8 @@
         --out bench/results/prune_smollm2-135m_ce0.5.json     # distillation with the ordinary loss mixed in
 
 For each variant (width: MLP neurons; depth: whole layers), at the same parameter target:
-(a) the teacher, (b) pruned without training, (c) pruned + distilled from the teacher (logit KD against
+(a) the teacher, (b) pruned without training (down_proj / o_proj refit by least squares to the neurons
+and heads that stay, unless --no-reconstruct), (c) pruned + distilled from the teacher (logit KD against
 the teacher's cached top-k), (d) the same smaller architecture from random initialization trained on the
 same tokens (next-token loss). Then decode tokens/s of each architecture, measured back to back, and
 2:4 / 50% sparsity by magnitude, Wanda and SparseGPT (no training). Training text is the wiki
@@ -49,6 +50,8 @@ def main() -> None:
     p.add_argument("--sparsity", nargs="*", default=["2:4", "0.5"])
     p.add_argument("--speed-tokens", type=int, default=128)
     p.add_argument("--out", default=None, help="results file (default bench/results/prune_<model>.json)")
+    p.add_argument("--no-reconstruct", action="store_true", help="prune without the least-squares refit")
+    p.add_argument("--no-scratch", action="store_true", help="skip (d), training the pruned shape from scratch")
     p.add_argument("--fresh", action="store_true")
     args = p.parse_args()
 
@@ -63,9 +66,10 @@ def main() -> None:
     from leanlm.train.distill import ce_loss_fn
 
     out = Path(args.out) if args.out else RESULTS / f"prune_{args.model}.json"
-    settings = {k: v for k, v in vars(args).items() if k not in ("fresh", "variants", "sparsity", "out")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("fresh", "variants", "sparsity", "out", "no_scratch")}
     if not args.ce_weight:
         settings.pop("ce_weight")  # rows of runs from before the flag existed stay valid
+    settings["reconstruct"] = not settings.pop("no_reconstruct")  # runs before the refit existed had none
     results = ResultRows(out, settings, ("variant", "method"), args.fresh, model=args.model)
     rows = results.rows
 
@@ -96,7 +100,7 @@ def main() -> None:
     pruned = {}
     for variant in args.variants:
         t = time.perf_counter()
-        pruned[variant] = prune(teacher, calib, params=args.params, axis=variant)
+        pruned[variant] = prune(teacher, calib, params=args.params, axis=variant, reconstruct=not args.no_reconstruct)
         prune_s = time.perf_counter() - t
         if not results.done(variant, "pruned"):
             record(variant, "pruned", pruned[variant], prune_s)
@@ -110,7 +114,7 @@ def main() -> None:
             from leanlm.train.checkpoint import remove_checkpoint
 
             remove_checkpoint(WORK / f"{args.model}_{variant}_distill")
-        if not results.done(variant, "scratch"):
+        if not args.no_scratch and not results.done(variant, "scratch"):
             torch.manual_seed(0)
             scratch = type(teacher)(copy.deepcopy(pruned[variant].config)).eval()
             scfg = copy.deepcopy(cfg)

@@ -81,11 +81,14 @@ def bench_model(name: str, args) -> dict:
     head = Path(args.eagle.replace("MODEL", name))
     if not (head / "config.json").is_file():
         print(f"training an EAGLE-3 head for {name} ({args.train_minutes} min of training) -> {head}", flush=True)
+        t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "leanlm.cli", "speculate", "train", name, "--out", str(head),
-                        "--max-minutes", str(args.train_minutes), "--epochs", "6", "--num-prompts", "640"],
-                       check=True)
+                        "--max-minutes", str(args.train_minutes), "--epochs", str(args.train_epochs),
+                        "--num-prompts", str(args.train_prompts)] + (["--chat"] if args.chat else []), check=True)
+        print(f"EAGLE-3 head trained in {(time.perf_counter() - t) / 60:.1f} min, responses generated included",
+              flush=True)
     target, tok = leanlm.load(name)
-    prompts = [encode_prompt(tok, p, False) for p in prompts_from("wiki", "eval", args.num_prompts)]
+    prompts = [encode_prompt(tok, p, args.chat) for p in prompts_from("wiki", "eval", args.num_prompts)]
     draft_dir = draft_model_dir(name, target, tok, args.draft_layers)
     model_row = f"draft model ({draft_dir.name})"
     drafts = {"ngram": "ngram", "eagle3": str(head),
@@ -112,7 +115,7 @@ def bench_model(name: str, args) -> dict:
         "plain_vs_hf_generate": by["plain"]["e2e_tokens_per_s"] / by["hf generate"]["e2e_tokens_per_s"],
     }
     head_info = json.loads((head / "config.json").read_text()).get("leanlm", {})
-    return {"model": name, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "k": args.k,
+    return {"model": name, "chat": args.chat, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "k": args.k,
             "rows": rows + hf, "summary": summary, "eagle3_head": {"path": str(head), **head_info}}
 
 
@@ -120,12 +123,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2-135m")
     ap.add_argument("--eagle", default=str(WORK / "eagle3-MODEL"), help="EAGLE-3 head folder (MODEL is replaced)")
-    ap.add_argument("--train-minutes", type=float, default=35.0)
+    ap.add_argument("--train-minutes", type=float, default=35.0, help="head training budget (responses excluded)")
+    ap.add_argument("--train-prompts", type=int, default=640, help="prompts the target answers for head training")
+    ap.add_argument("--train-epochs", type=float, default=6.0)
+    ap.add_argument("--chat", action="store_true", help="wrap prompts (bench and head training) in the chat template")
     ap.add_argument("--num-prompts", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=4, help="chain draft length")
     ap.add_argument("--tree-tokens", type=int, default=8, help="draft tokens per tree")
     ap.add_argument("--draft-layers", type=int, default=8)
+    ap.add_argument("--out", default=str(RESULTS / "speculative.json"))
     args = ap.parse_args()
     import torch
 
@@ -141,8 +148,8 @@ def main() -> None:
             print(f"{res['model']:<14} {r['variant']:<34} {r['e2e_tokens_per_s']:>9.1f} "
                   f"{r['e2e_tokens_per_s'] / plain:>7.2f}x {acc:>7}  {same}")
         print(f"{res['model']:<14} " + ", ".join(f"{k} {v:.2f}" for k, v in res["summary"].items()))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "speculative.json"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "results": results}, indent=2) + "\n")
     print(f"wrote {out}")
 

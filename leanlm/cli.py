@@ -204,8 +204,8 @@ def cmd_speculate_train(args) -> None:
     cfg = Eagle3TrainConfig(prompts=args.prompts, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
                             chat=args.chat, draft_vocab=args.draft_vocab, corpus_tokens=args.corpus_tokens,
                             train_lm_head=args.train_lm_head, ttt_steps=args.ttt_steps,
-                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_minutes=args.max_minutes,
-                            seed=args.seed)
+                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, bf16=not args.no_bf16,
+                            max_minutes=args.max_minutes, seed=args.seed)
     model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
     t = time.perf_counter()
     head = train_eagle3(model, tok, out, cfg, overwrite=args.overwrite)
@@ -319,7 +319,7 @@ def cmd_prune(args) -> None:
     t = time.perf_counter()
     small = prune(model, _calib(args, tok, model), params=args.params, axis=args.axis, heads=args.heads,
                   kv_heads=args.kv_heads, ffn=args.ffn, hidden=args.hidden, layers=args.layers,
-                  layer_metric=args.layer_metric)
+                  layer_metric=args.layer_metric, reconstruct=not args.no_reconstruct)
     save(small, tok, out, overwrite=args.overwrite)
     before, after = non_embedding_parameters(model), non_embedding_parameters(small)
     c = small.config
@@ -542,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layers", type=_positive, help="decoder layers to keep")
     s.add_argument("--layer-metric", choices=("block", "loss"), default="block",
                    help="layer importance: block (1 - cos of input and output) or loss (calibration loss when skipped)")
+    s.add_argument("--no-reconstruct", action="store_true",
+                   help="keep the surviving down_proj / o_proj columns as they were (default: least-squares refit "
+                        "on the calibration data to absorb what the pruned neurons and heads carried)")
     calib_args(s, "importance data")
     s.set_defaults(fn=cmd_prune)
 
@@ -578,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=float, default=4.0)
     s.add_argument("--batch-size", type=_positive, default=8)
     s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bf16 autocast)")
     s.add_argument("--max-minutes", type=float, default=None, help="stop training after this long (saves the head)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true")

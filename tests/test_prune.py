@@ -231,3 +231,41 @@ def test_pruned_model_quantizes_and_drafts_for_its_teacher():
         plain = eng.generate(prompt, 20).tokens
         out = speculative_generate(eng, ModelDrafter(small, 64, compile=False), prompt, 20, k=3)
     assert out.tokens == plain  # the pruned, quantized draft never changes the teacher's output
+
+
+def test_refit_columns_recovers_what_correlated_dropped_inputs_carried():
+    from leanlm.prune.reconstruct import refit_columns
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(512, 6, generator=g)
+    x = torch.cat([base, base[:, :2] + 0.05 * torch.randn(512, 2, generator=g)], 1)  # inputs 6, 7 echo 0, 1
+    w = torch.randn(5, 8, generator=g)
+    keep = torch.arange(6)
+    refit = refit_columns(w, x.T @ x, keep)
+    err_cut = (x @ w.T - x[:, keep] @ w[:, keep].T).norm()
+    err_refit = (x @ w.T - x[:, keep] @ refit.T).norm()
+    assert err_refit < 0.1 * err_cut
+    silent = w.clone()
+    silent[:, 6:] = 0  # the dropped columns carried nothing: the kept ones stay exactly
+    assert torch.equal(refit_columns(silent, x.T @ x, keep), silent[:, keep])
+    assert torch.equal(refit_columns(w, x.T @ x, torch.arange(8)), w)
+
+
+@pytest.mark.parametrize("make", MODELS)
+def test_reconstruction_brings_pruned_logits_closer_to_the_original(make):
+    model = make()
+    calib, held_out = _ids(16, seed=1), _ids(4, seed=2)
+    plain = prune(model, calib, heads=2, ffn=64, reconstruct=False)
+    refit = prune(model, calib, heads=2, ffn=64)
+    for name in ("q_proj", "k_proj", "v_proj"):  # only the projections that lost inputs change
+        assert torch.equal(getattr(plain.model.layers[0].self_attn, name).weight,
+                           getattr(refit.model.layers[0].self_attn, name).weight)
+    assert not torch.equal(plain.model.layers[0].mlp.down_proj.weight, refit.model.layers[0].mlp.down_proj.weight)
+
+    def kl(small):
+        with torch.no_grad():
+            p = torch.log_softmax(model(held_out).logits, -1)
+            q = torch.log_softmax(small(held_out).logits, -1)
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    assert kl(refit) < 0.8 * kl(plain)

@@ -281,6 +281,14 @@ def test_eagle3_training_loss_decreases_and_resumes(tmp_path):
     assert (tmp_path / "a.work" / "data.safetensors").is_file()
     import leanlm.speculative.train as tr
 
+    seqs, feats, _, prompt_lengths = tr._load_data(tmp_path / "a.work" / "data.safetensors")
+    assert all(0 < p < len(s) for p, s in zip(prompt_lengths, seqs))  # responses follow their prompts
+    lookup = head.to_draft_ids(torch.arange(head.config.vocab_size))
+    _, _, labels = tr._collate(seqs, feats, lookup, [0, 1], [p - 1 for p in prompt_lengths])
+    for r in range(2):  # held-out accuracy counts only the positions drafting starts from
+        assert (labels[r, :prompt_lengths[r] - 1] == -100).all()
+        assert (labels[r, prompt_lengths[r] - 1:len(seqs[r])] != -100).any()
+
     orig = tr._save_checkpoint
 
     def kill_after_first(work, h, opt, step, history):  # a run killed right after its step-10 checkpoint

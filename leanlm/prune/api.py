@@ -7,6 +7,7 @@ from torch import nn
 
 from ..errors import LeanLMError
 from .importance import Importance, importance, layer_loss_importance
+from .reconstruct import reconstruct_pruned
 from .shapes import attention_shape, check_prunable, non_embedding_parameters, text_config
 from .structured import Keep, apply_keep
 
@@ -78,10 +79,12 @@ def choose(model: nn.Module, imp: Importance, heads=None, kv_heads=None, ffn=Non
 
 def prune(model: nn.Module, calib: torch.Tensor, params=None, axis: str = "width", heads: int | None = None,
           kv_heads: int | None = None, ffn: int | None = None, hidden: int | None = None, layers: int | None = None,
-          layer_metric: str = "block", batch_size: int = 4) -> nn.Module:
+          layer_metric: str = "block", reconstruct: bool = True, batch_size: int = 4,
+          progress: bool = True) -> nn.Module:
     """A smaller copy of `model`: to `params` (a fraction of non-embedding parameters, e.g. "70%", along
     `axis` width or depth) and/or explicit counts; what goes is what `importance` on `calib` [N, L]
-    ranks least. `layer_metric` "block" (1 - cos) or "loss" (calibration loss when skipped)."""
+    ranks least. `layer_metric` "block" (1 - cos) or "loss" (calibration loss when skipped).
+    `reconstruct`: refit down_proj / o_proj to the neurons and heads that stay (least squares on `calib`)."""
     check_prunable(model)
     shape = dict(heads=heads, kv_heads=kv_heads, ffn=ffn, hidden=hidden, layers=layers)
     if params is not None:
@@ -101,7 +104,10 @@ def prune(model: nn.Module, calib: torch.Tensor, params=None, axis: str = "width
         scores = None
         if layer_metric == "loss" and shape["layers"]:
             scores = layer_loss_importance(model, calib, batch_size)
+        keep = choose(model, imp, layer_scores=scores, **shape)
+        small = apply_keep(model, keep)
+        if reconstruct:
+            reconstruct_pruned(small, model, keep, loop, progress=progress)
     model.train(was_training)
-    small = apply_keep(model, choose(model, imp, layer_scores=scores, **shape))
     small.leanlm_pruned_from["importance_tokens"] = imp.tokens
     return small

@@ -125,7 +125,7 @@ def sparsify(model: nn.Module, method: str = "wanda", pattern="2:4", calib: torc
                 lin.weight.copy_(sparsegpt(lin.weight, h, pattern).to(lin.weight.dtype))
         return None
 
-    run_layerwise(model, loop, one_layer, progress)
+    run_layerwise(model, loop, one_layer, progress, desc=f"{method} masks")
     return model
 
 

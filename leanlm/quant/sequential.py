@@ -101,7 +101,7 @@ def layer_output(layer: nn.Module, h: torch.Tensor, kwargs: dict) -> torch.Tenso
 @torch.no_grad()
 def run_layerwise(model: nn.Module, forward_loop: Callable[[nn.Module], None],
                   calibrate: Callable[[nn.Module, list[torch.Tensor], dict], list[torch.Tensor] | None],
-                  progress: bool = True) -> None:
+                  progress: bool = True, desc: str = "calibrating layers") -> None:
     """Call `calibrate(layer, inputs, kwargs)` for each decoder layer in order, then feed the next
     layer the outputs of the calibrated (quantized) layer: those `calibrate` returns, or else a
     fresh forward of the layer."""
@@ -113,6 +113,6 @@ def run_layerwise(model: nn.Module, forward_loop: Callable[[nn.Module], None],
     with bypassed(quantizers):
         inputs = capture_inputs(model, layers, forward_loop)
     hidden = inputs.hidden
-    for i, layer in enumerate(tqdm(layers, desc="calibrating layers", disable=not progress, unit="layer")):
+    for i, layer in enumerate(tqdm(layers, desc=desc, disable=not progress, unit="layer")):
         outputs = calibrate(layer, hidden, inputs.kwargs[i])
         hidden = outputs if outputs is not None else [layer_output(layer, h, inputs.kwargs[i]) for h in hidden]

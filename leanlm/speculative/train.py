@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_write_text, save_tensors
 from ..errors import LeanLMError
-from ..train.loop import cosine_lr
+from ..train.loop import autocast, cosine_lr
 from ..train.checkpoint import has_checkpoint, load_checkpoint, remove_checkpoint_files, save_checkpoint
 from .eagle3 import Eagle3Config, Eagle3Head, repeat_kv, save_eagle3
 
@@ -54,6 +54,7 @@ class Eagle3TrainConfig:
     epochs: float = 4.0
     batch_size: int = 8
     lr: float = 1e-3
+    bf16: bool = True  # autocast the head's matmuls to bfloat16 (2.4x faster on AVX-512 BF16 CPUs)
     warmup_steps: int = 20
     max_minutes: float | None = None  # stop (and save) after this much training time
     checkpoint_every: int = 25
@@ -216,11 +217,12 @@ def step_weights(steps: int) -> list[float]:
 
 
 # -- data cache and checkpoints ----------------------------------------------------------------------
-def _save_data(path: Path, sequences, feats, draft_ids) -> None:
+def _save_data(path: Path, sequences, feats, draft_ids, prompt_lengths: list[int] | None = None) -> None:
     lengths = torch.tensor([len(s) for s in sequences])
     tensors = {"ids": torch.tensor([t for s in sequences for t in s]), "lengths": lengths,
                "aux": torch.cat([f[0] for f in feats]), "labels": torch.cat([f[1] for f in feats]),
-               "draft_ids": draft_ids}
+               "draft_ids": draft_ids,
+               "prompt_lengths": torch.tensor(prompt_lengths or [0] * len(sequences), dtype=torch.long)}
     save_tensors(path, tensors)
 
 
@@ -231,7 +233,8 @@ def _load_data(path: Path):
     bounds = [0] + d["lengths"].cumsum(0).tolist()
     seqs = [d["ids"][a:b] for a, b in zip(bounds, bounds[1:])]
     feats = [(d["aux"][a:b], d["labels"][a:b]) for a, b in zip(bounds, bounds[1:])]
-    return seqs, feats, d["draft_ids"]
+    prompt_lengths = d["prompt_lengths"].tolist() if "prompt_lengths" in d else [0] * len(seqs)  # older files
+    return seqs, feats, d["draft_ids"], prompt_lengths
 
 
 def _save_checkpoint(work: Path, head, opt, step: int, history: list) -> None:
@@ -248,7 +251,8 @@ def _batches(n_train: int, batch_size: int, epoch: int, seed: int) -> list[list[
     return [perm[i:i + batch_size] for i in range(0, n_train, batch_size)]
 
 
-def _collate(seqs, feats, draft_lookup, idx):
+def _collate(seqs, feats, draft_lookup, idx, first_label: list[int] | None = None):
+    """Padded batch of sequences `idx`; labels before ``first_label[i]`` are ignored."""
     width = max(len(seqs[i]) for i in idx)
     h = feats[idx[0]][0].shape[-1]
     ids = torch.zeros(len(idx), width, dtype=torch.long)
@@ -259,16 +263,21 @@ def _collate(seqs, feats, draft_lookup, idx):
         ids[r, :n] = torch.as_tensor(seqs[i])
         aux[r, :n] = feats[i][0].float()
         labels[r, :n] = draft_lookup[feats[i][1]]
+        if first_label:
+            labels[r, :first_label[i]] = -100
     return ids, aux, labels
 
 
 @torch.no_grad()
-def evaluate_head(head, embed, seqs, feats, draft_lookup, steps: int, batch_size: int = 8) -> list[float]:
-    """Per-step top-1 accuracy of the head on sequences it was not trained on."""
+def evaluate_head(head, embed, seqs, feats, draft_lookup, steps: int, batch_size: int = 8,
+                  prompt_lengths: list[int] | None = None) -> list[float]:
+    """Per-step top-1 accuracy of the head on sequences it was not trained on, over the positions it
+    drafts from (the responses: labels from the last prompt token on)."""
+    first = [max(p - 1, 0) for p in prompt_lengths] if prompt_lengths else None
     correct, count = [0] * steps, [0] * steps
     for b in range(0, len(seqs), batch_size):
         idx = list(range(b, min(b + batch_size, len(seqs))))
-        ids, aux, labels = _collate(seqs, feats, draft_lookup, idx)
+        ids, aux, labels = _collate(seqs, feats, draft_lookup, idx, first)
         for j, (_, c, n) in enumerate(ttt_forward(head, embed, ids, aux, labels, steps)):
             correct[j] += c
             count[j] += n
@@ -307,21 +316,22 @@ def train_eagle3(target, tokenizer, out: str | Path, config: Eagle3TrainConfig |
     data_path = work / DATA_FILE
     if data_path.is_file():
         log.info(f"reusing generated data in {data_path}")
-        seqs, feats, draft_ids = _load_data(data_path)
+        seqs, feats, draft_ids, prompt_lengths = _load_data(data_path)
     else:
         prompts = prompts_from(cfg.prompts, "calib", cfg.num_prompts, cfg.prompt_words)
         ids = encode_prompts(tokenizer, prompts, cfg.chat)
         seqs = generate_responses(target, tokenizer, ids, cfg.max_new_tokens, cfg.generate_batch_size, progress)
         feats = teacher_features(target, seqs, head.config.aux_layers, progress=progress)
         draft_ids = choose_draft_vocab([f[1] for f in feats], head.config.vocab_size, head.config.draft_vocab_size)
-        _save_data(data_path, seqs, feats, draft_ids)
+        prompt_lengths = [len(p) for p in ids]
+        _save_data(data_path, seqs, feats, draft_ids, prompt_lengths)
     n_val = max(1, int(len(seqs) * cfg.val_fraction)) if len(seqs) > 1 else 0
     val_seqs, val_feats = seqs[:n_val], feats[:n_val]
     train_idx = list(range(n_val, len(seqs)))
     if cfg.corpus_tokens:
         corpus_path = work / CORPUS_FILE
         if corpus_path.is_file():
-            cseqs, cfeats, _ = _load_data(corpus_path)
+            cseqs, cfeats, _, _ = _load_data(corpus_path)
         else:
             cseqs = corpus_sequences(tokenizer, cfg.prompts, cfg.corpus_tokens, cfg.corpus_seq_len)
             cfeats = teacher_features(target, cseqs, head.config.aux_layers, progress=progress)
@@ -360,8 +370,9 @@ def train_eagle3(target, tokenizer, out: str | Path, config: Eagle3TrainConfig |
         ids, aux, labels = _collate(seqs, feats, draft_lookup, batch)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        results = ttt_forward(head, embed, ids, aux, labels, cfg.ttt_steps)
-        loss = sum(w * r[0] for w, r in zip(weights, results))
+        with autocast(head, cfg.bf16):
+            results = ttt_forward(head, embed, ids, aux, labels, cfg.ttt_steps)
+            loss = sum(w * r[0] for w, r in zip(weights, results))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -381,7 +392,8 @@ def train_eagle3(target, tokenizer, out: str | Path, config: Eagle3TrainConfig |
             break
     bar.close()
     head.eval()
-    val_acc = evaluate_head(head, embed, val_seqs, val_feats, draft_lookup, cfg.ttt_steps) if val_seqs else []
+    val_acc = evaluate_head(head, embed, val_seqs, val_feats, draft_lookup, cfg.ttt_steps,
+                            prompt_lengths=prompt_lengths[:n_val]) if val_seqs else []
     head.config.extra = {"trained_steps": step, "planned_steps": total, "train_sequences": len(train_idx),
                          "train_tokens_per_epoch": sum(len(seqs[i]) for i in train_idx),
                          "val_step_accuracy": [round(a, 4) for a in val_acc],
