@@ -189,7 +189,8 @@ def ttt_attention(q, keys: list[torch.Tensor], values: list[torch.Tensor], group
 def ttt_forward(head: Eagle3Head, embed, ids: torch.Tensor, aux: torch.Tensor, labels: torch.Tensor, steps: int):
     """Per-step (loss, correct, count) of `steps` unrolled drafting steps over a batch.
 
-    ids [B, T] tokens; aux [B, T, 3H]; labels [B, T] draft ids of the target's argmax (-100: none).
+    ids [B, T] tokens; aux [B, T, 3H]; labels [B, T] draft ids of the target's argmax (-1: a token
+    outside the draft vocabulary, which counts as a miss; -100: no label).
     """
     b, t = ids.shape
     c = head.config
@@ -205,10 +206,11 @@ def ttt_forward(head: Eagle3Head, embed, ids: torch.Tensor, aux: torch.Tensor, l
         values.append(v)
         hidden, logits = head.finish(ttt_attention(q, keys, values, groups), residual)
         target = _shift(labels, j, -100)
-        valid = target >= 0
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
-        correct = ((logits.argmax(-1) == target) & valid).sum()
-        results.append((loss, int(correct), int(valid.sum())))
+        known = target >= 0
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                               torch.where(known, target, -100).reshape(-1), ignore_index=-100)
+        correct = ((logits.argmax(-1) == target) & known).sum()
+        results.append((loss, int(correct), int((target != -100).sum())))
     return results
 
 
@@ -262,7 +264,8 @@ def _collate(seqs, feats, draft_lookup, idx, first_label: list[int] | None = Non
         n = len(seqs[i])
         ids[r, :n] = torch.as_tensor(seqs[i])
         aux[r, :n] = feats[i][0].float()
-        labels[r, :n] = draft_lookup[feats[i][1]]
+        lab = draft_lookup[feats[i][1]]
+        labels[r, :n] = torch.where(lab < 0, -1, lab)  # outside the draft vocabulary: a sure miss when drafting
         if first_label:
             labels[r, :first_label[i]] = -100
     return ids, aux, labels
@@ -378,7 +381,7 @@ def train_eagle3(target, tokenizer, out: str | Path, config: Eagle3TrainConfig |
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
         opt.step()
         step += 1
-        tokens += int((labels >= 0).sum())
+        tokens += int((labels != -100).sum())
         accs = [c / n if n else 0.0 for _, c, n in results]
         history.append({"step": step, "loss": loss.item(), "acc": accs})
         elapsed = time.perf_counter() - t_start
