@@ -15,13 +15,14 @@ left exactly as they were.
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import LeanLMError
-from ..quant.sequential import decoder_layers
+from ..quant.sequential import decoder_layers, run_layerwise
 from .shapes import attention_shape, text_config
 from .structured import Keep, _index
 
@@ -57,10 +58,7 @@ def input_hessians(model: nn.Module, forward_loop: Callable[[nn.Module], None], 
                    progress: bool = True) -> list[dict[str, torch.Tensor]]:
     """Per decoder layer: the Gram matrix of each named projection's inputs, layer by layer over the
     float model (one layer's activations in memory at a time)."""
-    from operator import attrgetter
-
     from ..quant.ptq import collect_input_stats
-    from ..quant.sequential import run_layerwise
 
     grams: list[dict[str, torch.Tensor]] = []
 
@@ -77,10 +75,8 @@ def input_hessians(model: nn.Module, forward_loop: Callable[[nn.Module], None], 
 
 @torch.no_grad()
 def reconstruct_pruned(small: nn.Module, model: nn.Module, keep: Keep, forward_loop: Callable[[nn.Module], None],
-                damp: float = 0.01, progress: bool = True) -> nn.Module:
+                       damp: float = 0.01, progress: bool = True) -> nn.Module:
     """Refit `small`'s (made by `apply_keep(model, keep)`) down_proj / o_proj columns in place."""
-    from operator import attrgetter
-
     n_heads, _, head_dim, _ = attention_shape(model)
     ffn = text_config(model.config).intermediate_size
     full = {"neurons": ffn, "heads": n_heads}
