@@ -6,8 +6,8 @@
         --out bench/results/prune_smollm2-135m_ce0.5.json     # distillation with the ordinary loss mixed in
 
 For each variant (width: MLP neurons; depth: whole layers), at the same parameter target:
-(a) the teacher, (b) pruned without training (down_proj / o_proj refit by least squares to the neurons
-and heads that stay, unless --no-reconstruct), (c) pruned + distilled from the teacher (logit KD against
+(a) the teacher, (b) pruned without training (neurons chosen by greedy OBS, down_proj refit by least
+squares to the neurons and layers that stay, unless --no-reconstruct), (c) pruned + distilled from the teacher (logit KD against
 the teacher's cached top-k), (d) the same smaller architecture from random initialization trained on the
 same tokens (next-token loss). Then decode tokens/s of each architecture, measured back to back, and
 2:4 / 50% sparsity by magnitude, Wanda and SparseGPT (no training). Training text is the wiki
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -50,7 +52,7 @@ def main() -> None:
     p.add_argument("--sparsity", nargs="*", default=["2:4", "0.5"])
     p.add_argument("--speed-tokens", type=int, default=128)
     p.add_argument("--out", default=None, help="results file (default bench/results/prune_<model>.json)")
-    p.add_argument("--no-reconstruct", action="store_true", help="prune without the least-squares refit")
+    p.add_argument("--no-reconstruct", action="store_true", help="prune by activation importance alone, without the least-squares refit")
     p.add_argument("--no-scratch", action="store_true", help="skip (d), training the pruned shape from scratch")
     p.add_argument("--fresh", action="store_true")
     args = p.parse_args()
@@ -71,6 +73,8 @@ def main() -> None:
         settings.pop("ce_weight")  # rows of runs from before the flag existed stay valid
     settings["reconstruct"] = not settings.pop("no_reconstruct")  # runs before the refit existed had none
     results = ResultRows(out, settings, ("variant", "method"), args.fresh, model=args.model)
+    # Training checkpoints per settings: a killed run resumes, a run with other settings starts its own.
+    run_key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     rows = results.rows
 
     teacher, tok = leanlm.load(args.model)
@@ -107,13 +111,13 @@ def main() -> None:
         if not results.done(variant, "pruned+distilled"):
             student = copy.deepcopy(pruned[variant])
             t = time.perf_counter()
-            distill(student, teacher, data, cfg, dcfg, work=WORK / f"{args.model}_{variant}_distill")
+            distill(student, teacher, data, cfg, dcfg, work=WORK / f"{args.model}_{variant}_distill_{run_key}")
             hist = [h["loss"] for h in student.leanlm_training["history"] if "loss" in h]
             record(variant, "pruned+distilled", student, prune_s + time.perf_counter() - t,
                    {"train_tokens": int(data.numel()), "first_loss": hist[0], "last_loss": hist[-1]})
             from leanlm.train.checkpoint import remove_checkpoint
 
-            remove_checkpoint(WORK / f"{args.model}_{variant}_distill")
+            remove_checkpoint(WORK / f"{args.model}_{variant}_distill_{run_key}")
         if not args.no_scratch and not results.done(variant, "scratch"):
             torch.manual_seed(0)
             scratch = type(teacher)(copy.deepcopy(pruned[variant].config)).eval()
@@ -121,12 +125,12 @@ def main() -> None:
             scfg.lr = args.scratch_lr
             t = time.perf_counter()
             hist = train(scratch, trainable_parameters(scratch, train_embeddings=True), data, ce_loss_fn, scfg,
-                         WORK / f"{args.model}_{variant}_scratch", desc="from scratch")
+                         WORK / f"{args.model}_{variant}_scratch_{run_key}", desc="from scratch")
             record(variant, "scratch", scratch, time.perf_counter() - t,
                    {"train_tokens": int(data.numel()), "first_loss": hist[0]["loss"], "last_loss": hist[-1]["loss"]})
             from leanlm.train.checkpoint import remove_checkpoint
 
-            remove_checkpoint(WORK / f"{args.model}_{variant}_scratch")
+            remove_checkpoint(WORK / f"{args.model}_{variant}_scratch_{run_key}")
 
     for pattern in args.sparsity:
         for method in ("magnitude", "wanda", "sparsegpt"):

@@ -543,8 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layer-metric", choices=("block", "loss"), default="block",
                    help="layer importance: block (1 - cos of input and output) or loss (calibration loss when skipped)")
     s.add_argument("--no-reconstruct", action="store_true",
-                   help="keep the surviving down_proj / o_proj columns as they were (default: least-squares refit "
-                        "on the calibration data to absorb what the pruned neurons and heads carried)")
+                   help="keep MLP neurons by mean activation and the surviving weights as they were (default: "
+                        "choose neurons by greedy OBS and refit down_proj / o_proj by least squares on the "
+                        "calibration data to absorb what the pruned neurons, heads and layers carried)")
     calib_args(s, "importance data")
     s.set_defaults(fn=cmd_prune)
 

@@ -249,6 +249,77 @@ def test_refit_columns_recovers_what_correlated_dropped_inputs_carried():
     silent[:, 6:] = 0  # the dropped columns carried nothing: the kept ones stay exactly
     assert torch.equal(refit_columns(silent, x.T @ x, keep), silent[:, keep])
     assert torch.equal(refit_columns(w, x.T @ x, torch.arange(8)), w)
+    extra = torch.randn(5, 8, generator=g)  # a target that is linear in the inputs: d = extra @ x
+    both = refit_columns(w, x.T @ x, torch.arange(8), damp=1e-6, cross=(x @ extra.T).T @ x)
+    assert (x @ both.T - x @ (w + extra).T).norm() < 1e-3 * (x @ extra.T).norm()
+
+
+def test_skipped_runs_pair_each_kept_layer_with_the_run_it_precedes():
+    from leanlm.prune.reconstruct import skipped_runs
+
+    assert skipped_runs([0, 1, 4], 6) == {1: 3, 4: 5}
+    assert skipped_runs([1, 2], 3) == {}  # a dropped first layer has nothing before it to write for it
+    assert skipped_runs(list(range(4)), 4) == {}
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2])
+def test_depth_refit_brings_a_layer_dropped_model_closer_to_the_original(make):
+    from leanlm.prune.reconstruct import reconstruct_pruned
+
+    model = make(layers=4)
+    calib = _ids(64, seed=1)
+    keep = Keep.everything(model)
+    keep.layers = [0, 3]
+    plain = apply_keep(model, keep)
+    refit = reconstruct_pruned(copy.deepcopy(plain), model, keep, _loop(calib), progress=False)
+    # Only the down_proj before the dropped run (layers 1, 2) moves.
+    assert not torch.equal(plain.model.layers[0].mlp.down_proj.weight, refit.model.layers[0].mlp.down_proj.weight)
+    for a, b in zip(plain.state_dict().items(), refit.state_dict().items()):
+        assert a[0] == "model.layers.0.mlp.down_proj.weight" or torch.equal(a[1], b[1]), a[0]
+
+    def stream_error(small):  # the residual stream where the dropped run ended, against the original's
+        with torch.no_grad():
+            want = model(calib, output_hidden_states=True).hidden_states[3]
+            return float((small(calib, output_hidden_states=True).hidden_states[1] - want).norm())
+
+    # A random tiny model's layers are far from linear in each other (SmolLM2's are not: 63 -> 40
+    # perplexity), but least squares must still lower the error on the calibration tokens.
+    assert stream_error(refit) < 0.97 * stream_error(plain)
+
+
+def test_depth_refit_leaves_models_that_normalize_the_mlp_output_alone():
+    from leanlm.prune.reconstruct import reconstruct_pruned
+
+    model = tiny_gemma3(layers=4)
+    keep = Keep.everything(model)
+    keep.layers = [0, 3]
+    plain = apply_keep(model, keep)
+    refit = reconstruct_pruned(copy.deepcopy(plain), model, keep, _loop(_ids(16, seed=1)), progress=False)
+    for a, b in zip(plain.parameters(), refit.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_select_columns_drops_the_inputs_the_others_can_rebuild():
+    from leanlm.prune.reconstruct import refit_columns, select_columns
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(512, 6, generator=g)
+    small = 0.3 * torch.randn(512, 2, generator=g)  # quiet but independent: nothing else can stand in for them
+    loud = 3 * base[:, :2] + 0.01 * torch.randn(512, 2, generator=g)  # loud echoes of inputs 0 and 1
+    x = torch.cat([base, small, loud], 1)
+    w = torch.randn(5, 10, generator=g)
+    h = x.T @ x
+    keep = select_columns(w, h, 8, rounds=2)
+    assert len(keep) == 8 and keep == sorted(keep)
+    assert {6, 7} <= set(keep)  # activation size alone would have dropped these
+    assert len({0, 1, 8, 9} - set(keep)) == 2  # one of each echoing pair goes
+
+    def err(cols):
+        cols = torch.tensor(cols)
+        return (x @ w.T - x[:, cols] @ refit_columns(w, h, cols).T).norm()
+
+    by_size = sorted(x.abs().mean(0).topk(8).indices.tolist())
+    assert err(keep) < 0.1 * err(by_size)
 
 
 @pytest.mark.parametrize("make", MODELS)

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..errors import LeanLMError
 from .importance import Importance, importance, layer_loss_importance
-from .reconstruct import reconstruct_pruned
+from .reconstruct import input_hessians, lost_projections, reconstruct_pruned, select_neurons
 from .shapes import attention_shape, check_prunable, non_embedding_parameters, text_config
 from .structured import Keep, apply_keep
 
@@ -84,7 +84,9 @@ def prune(model: nn.Module, calib: torch.Tensor, params=None, axis: str = "width
     """A smaller copy of `model`: to `params` (a fraction of non-embedding parameters, e.g. "70%", along
     `axis` width or depth) and/or explicit counts; what goes is what `importance` on `calib` [N, L]
     ranks least. `layer_metric` "block" (1 - cos) or "loss" (calibration loss when skipped).
-    `reconstruct`: refit down_proj / o_proj to the neurons and heads that stay (least squares on `calib`)."""
+    `reconstruct`: choose the MLP neurons to keep by the error a least-squares refit of down_proj leaves
+    (greedy OBS on `calib`), refit down_proj / o_proj to the neurons and heads that stay, and refit the
+    down_proj before each run of dropped layers to write what the run added."""
     check_prunable(model)
     shape = dict(heads=heads, kv_heads=kv_heads, ffn=ffn, hidden=hidden, layers=layers)
     if params is not None:
@@ -105,9 +107,14 @@ def prune(model: nn.Module, calib: torch.Tensor, params=None, axis: str = "width
         if layer_metric == "loss" and shape["layers"]:
             scores = layer_loss_importance(model, calib, batch_size)
         keep = choose(model, imp, layer_scores=scores, **shape)
+        grams = None
+        if reconstruct and (lost := lost_projections(model, keep)):
+            grams = input_hessians(model, loop, lost, progress)
+            if "mlp.down_proj" in lost:
+                keep.neurons = select_neurons(model, grams, len(keep.neurons[keep.layers[0]]))
         small = apply_keep(model, keep)
         if reconstruct:
-            reconstruct_pruned(small, model, keep, loop, progress=progress)
+            reconstruct_pruned(small, model, keep, loop, progress=progress, grams=grams)
     model.train(was_training)
     small.leanlm_pruned_from["importance_tokens"] = imp.tokens
     return small
