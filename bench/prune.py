@@ -7,8 +7,8 @@
 
 For each variant (width: MLP neurons; depth: whole layers), at the same parameter target:
 (a) the teacher, (b) pruned without training (neurons chosen by greedy OBS, down_proj refit by least
-squares to the neurons and layers that stay, unless --no-reconstruct), (c) pruned + distilled from the teacher (logit KD against
-the teacher's cached top-k), (d) the same smaller architecture from random initialization trained on the
+squares to the neurons and layers that stay, unless --no-reconstruct), (c) pruned + distilled from the
+teacher (logit KD against the teacher's cached top-k), (d) the same smaller architecture from random initialization trained on the
 same tokens (next-token loss). Then decode tokens/s of each architecture, measured back to back, and
 2:4 / 50% sparsity by magnitude, Wanda and SparseGPT (no training). Training text is the wiki
 calibration split; perplexity is on wiki's evaluation split. Finished rows are kept in
@@ -65,6 +65,7 @@ def main() -> None:
     from leanlm.prune import non_embedding_parameters, prune
     from leanlm.prune.sparsity import sparsify
     from leanlm.train import DistillConfig, TrainConfig, distill, train, trainable_parameters, training_sequences
+    from leanlm.train.checkpoint import remove_checkpoint
     from leanlm.train.distill import ce_loss_fn
 
     out = Path(args.out) if args.out else RESULTS / f"prune_{args.model}.json"
@@ -111,26 +112,24 @@ def main() -> None:
         if not results.done(variant, "pruned+distilled"):
             student = copy.deepcopy(pruned[variant])
             t = time.perf_counter()
-            distill(student, teacher, data, cfg, dcfg, work=WORK / f"{args.model}_{variant}_distill_{run_key}")
+            work = WORK / f"{args.model}_{variant}_distill_{run_key}"
+            distill(student, teacher, data, cfg, dcfg, work=work)
             hist = [h["loss"] for h in student.leanlm_training["history"] if "loss" in h]
             record(variant, "pruned+distilled", student, prune_s + time.perf_counter() - t,
                    {"train_tokens": int(data.numel()), "first_loss": hist[0], "last_loss": hist[-1]})
-            from leanlm.train.checkpoint import remove_checkpoint
-
-            remove_checkpoint(WORK / f"{args.model}_{variant}_distill_{run_key}")
+            remove_checkpoint(work)
         if not args.no_scratch and not results.done(variant, "scratch"):
             torch.manual_seed(0)
             scratch = type(teacher)(copy.deepcopy(pruned[variant].config)).eval()
             scfg = copy.deepcopy(cfg)
             scfg.lr = args.scratch_lr
             t = time.perf_counter()
+            work = WORK / f"{args.model}_{variant}_scratch_{run_key}"
             hist = train(scratch, trainable_parameters(scratch, train_embeddings=True), data, ce_loss_fn, scfg,
-                         WORK / f"{args.model}_{variant}_scratch_{run_key}", desc="from scratch")
+                         work, desc="from scratch")
             record(variant, "scratch", scratch, time.perf_counter() - t,
                    {"train_tokens": int(data.numel()), "first_loss": hist[0]["loss"], "last_loss": hist[-1]["loss"]})
-            from leanlm.train.checkpoint import remove_checkpoint
-
-            remove_checkpoint(WORK / f"{args.model}_{variant}_scratch_{run_key}")
+            remove_checkpoint(work)
 
     for pattern in args.sparsity:
         for method in ("magnitude", "wanda", "sparsegpt"):
