@@ -8,11 +8,12 @@
 For each variant (width: MLP neurons; depth: whole layers), at the same parameter target:
 (a) the teacher, (b) pruned without training (neurons chosen by greedy OBS, down_proj refit by least
 squares to the neurons and layers that stay, unless --no-reconstruct), (c) pruned + distilled from the
-teacher (logit KD against the teacher's cached top-k), (d) the same smaller architecture from random initialization trained on the
-same tokens (next-token loss). Then decode tokens/s of each architecture, measured back to back, and
-2:4 / 50% sparsity by magnitude, Wanda and SparseGPT (no training). Training text is the wiki
-calibration split; perplexity is on wiki's evaluation split. Finished rows are kept in
-bench/results/prune_<model>.json and a rerun with the same settings skips them.
+teacher (logit KD against the teacher's cached top-k, or its full logits live with --topk 0), (d)
+the same smaller architecture from random initialization trained on the same tokens (next-token
+loss). Then decode tokens/s of each architecture, measured back to back, and 2:4 / 50% sparsity by
+magnitude, Wanda and SparseGPT (no training). Training text is the wiki calibration split;
+perplexity is on wiki's evaluation split. Finished rows are kept in bench/results/prune_<model>.json
+and a rerun with the same settings skips them.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=64)
     p.add_argument("--ce-weight", type=float, default=0.0,
                    help="mix the ordinary next-token loss into distillation (0: logit KD only, as Minitron)")
+    p.add_argument("--hidden-weight", type=float, default=0.0,
+                   help="add the hidden-state loss at every layer (needs live teacher forwards: --topk 0)")
+    p.add_argument("--layer-metric", choices=("block", "loss"), default="loss",
+                   help="which layers depth pruning drops: least block importance, or least calibration loss increase")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--sparsity", nargs="*", default=["2:4", "0.5"])
@@ -70,8 +75,9 @@ def main() -> None:
 
     out = Path(args.out) if args.out else RESULTS / f"prune_{args.model}.json"
     settings = {k: v for k, v in vars(args).items() if k not in ("fresh", "variants", "sparsity", "out", "no_scratch")}
-    if not args.ce_weight:
-        settings.pop("ce_weight")  # rows of runs from before the flag existed stay valid
+    for flag, default in (("ce_weight", 0.0), ("hidden_weight", 0.0), ("layer_metric", "block")):
+        if settings[flag] == default:
+            settings.pop(flag)  # rows of runs from before the flag existed stay valid
     settings["reconstruct"] = not settings.pop("no_reconstruct")  # runs before the refit existed had none
     results = ResultRows(out, settings, ("variant", "method"), args.fresh, model=args.model)
     # Training checkpoints per settings: a killed run resumes, a run with other settings starts its own.
@@ -84,7 +90,7 @@ def main() -> None:
     data = training_sequences(tok, "wiki", cfg, model=teacher)
     calib = leanlm.calibration_batches(tok, "wiki", args.calib_samples, args.seq_len, seed=1, model=teacher)
     ev_ids, ev_bytes = leanlm.eval_tokens(tok, "wiki", args.eval_tokens)
-    dcfg = DistillConfig(topk=args.topk, ce_weight=args.ce_weight, cache=str(WORK / f"{args.model}_teacher_top{args.topk}.safetensors"))
+    dcfg = DistillConfig(topk=args.topk, ce_weight=args.ce_weight, hidden_weight=args.hidden_weight, cache=str(WORK / f"{args.model}_teacher_top{args.topk}.safetensors"))
     WORK.mkdir(parents=True, exist_ok=True)
 
     def record(variant, method, model, seconds=0.0, extra=None):
@@ -105,7 +111,8 @@ def main() -> None:
     pruned = {}
     for variant in args.variants:
         t = time.perf_counter()
-        pruned[variant] = prune(teacher, calib, params=args.params, axis=variant, reconstruct=not args.no_reconstruct)
+        pruned[variant] = prune(teacher, calib, params=args.params, axis=variant,
+                                 layer_metric=args.layer_metric, reconstruct=not args.no_reconstruct)
         prune_s = time.perf_counter() - t
         if not results.done(variant, "pruned"):
             record(variant, "pruned", pruned[variant], prune_s)

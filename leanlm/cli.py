@@ -266,7 +266,7 @@ def _distill_config(args):
     from .train import DistillConfig
 
     return DistillConfig(temperature=args.temperature, ce_weight=args.ce_weight, hidden_weight=args.hidden_weight,
-                         topk=args.topk)
+                         hidden_layers=args.hidden_layers, topk=args.topk)
 
 
 def _check_out(args) -> Path:
@@ -504,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--temperature", type=float, default=1.0)
         s.add_argument("--ce-weight", type=float, default=0.0, help="weight of the next-token loss mixed in")
         s.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state loss")
+        s.add_argument("--hidden-layers", choices=("all", "final"), default="all",
+                       help="hidden-state loss on every layer (against the teacher layer it was pruned from) "
+                            "or on the final outputs only")
         s.add_argument("--topk", type=int, default=0,
                        help="cache the teacher's top-k log-probs once instead of running it every step")
 
@@ -540,8 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ffn", type=_positive, help="MLP intermediate size to keep")
     s.add_argument("--hidden", type=_positive, help="hidden (embedding) channels to keep")
     s.add_argument("--layers", type=_positive, help="decoder layers to keep")
-    s.add_argument("--layer-metric", choices=("block", "loss"), default="block",
-                   help="layer importance: block (1 - cos of input and output) or loss (calibration loss when skipped)")
+    s.add_argument("--layer-metric", choices=("block", "loss"), default="loss",
+                   help="layer importance: loss (calibration loss when skipped; better after distillation) or "
+                        "block (1 - cos of input and output; one pass, faster)")
     s.add_argument("--no-reconstruct", action="store_true",
                    help="keep MLP neurons by mean activation and the surviving weights as they were (default: "
                         "choose neurons by greedy OBS and refit down_proj / o_proj by least squares on the "

@@ -23,6 +23,7 @@ from .gguf_tokenizer import build_tokenizer, needs_own_tokenizer
 log = logging.getLogger(__name__)
 
 QUANT_STATE_FILE = "leanlm_quant.json"
+PRUNED_FILE = "pruned.json"  # how a pruned model maps onto the model it came from
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,8 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = t
                               "(or --trust-remote-code if it needs custom code you trust)") from None
     model.eval()
     model.leanlm_source = str(name_or_path)
+    if (path / PRUNED_FILE).is_file():
+        model.leanlm_pruned_from = json.loads((path / PRUNED_FILE).read_text())
     return model, tok
 
 
@@ -265,6 +268,9 @@ def save(model, tokenizer, out: str | os.PathLike, overwrite: bool = False) -> P
         training = getattr(model, "leanlm_training", None)
         if training is not None:  # how a QAT / QAD / distillation result was trained
             (tmp / "training.json").write_text(json.dumps(training, indent=2))
+        pruned_from = getattr(model, "leanlm_pruned_from", None)
+        if pruned_from is not None:  # what a later distillation pairs the student's layers with
+            (tmp / PRUNED_FILE).write_text(json.dumps(pruned_from, indent=2))
     return Path(out)
 
 

@@ -206,17 +206,40 @@ def test_cli_prune_sparsify_distill(tmp_path, tiny_model_dir, capsys):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
+    assert leanlm.load(out)[0].leanlm_pruned_from["kept_layers"] in ([0], [1])  # for the hidden-state loss
     assert main(["sparsify", str(out), "--method", "wanda", "--out", str(tmp_path / "sparse"),
                  "--calib-samples", "4", "--seq-len", "64"]) == 0
     assert main(["distill", str(tmp_path / "sparse"), "--teacher", str(tiny_model_dir), "--out",
                  str(tmp_path / "dist"), "--tokens", "1024", "--seq-len", "64", "--batch-size", "4",
-                 "--no-bf16"]) == 0
+                 "--no-bf16", "--hidden-weight", "0.5"]) == 0
     model, _ = leanlm.load(tmp_path / "dist")
     w = model.model.layers[0].mlp.up_proj.weight
     assert ((w.reshape(-1, 4) != 0).sum(-1) <= 2).all()  # the 2:4 mask survived distillation
     assert not (tmp_path / "dist.work").exists()
     assert main(["prune", str(tiny_model_dir), "--out", str(tmp_path / "x")]) == 2
     assert "nothing to prune" in capsys.readouterr().err
+
+
+def test_hidden_loss_pairs_a_depth_pruned_student_with_the_layers_it_kept():
+    from leanlm.train.distill import hidden_loss
+    from leanlm.train.losses import hidden_pairs
+
+    assert hidden_pairs(3, 6, "all", [0, 2, 5]) == [(1, 1), (2, 3), (-1, -1)]
+    assert hidden_pairs(3, 6, "all") == [(1, 2), (2, 4), (-1, -1)]
+    assert hidden_pairs(3, 6, "final") == [(-1, -1)]
+    teacher = tiny_llama(layers=5)
+    with torch.no_grad():  # layer 1 adds nothing: dropping it leaves every kept layer's output as it was
+        teacher.model.layers[1].self_attn.o_proj.weight.zero_()
+        teacher.model.layers[1].mlp.down_proj.weight.zero_()
+    ids = _ids(2)
+    student = prune(teacher, ids, layers=4, layer_metric="block", reconstruct=False)
+    assert student.leanlm_pruned_from["kept_layers"] == [0, 2, 3, 4]
+    with torch.no_grad():
+        s_h = student(ids, output_hidden_states=True).hidden_states
+        t_h = teacher(ids, output_hidden_states=True).hidden_states
+        assert float(hidden_loss(student, teacher)(s_h, t_h)) < 1e-8
+        del student.leanlm_pruned_from  # unknown origin: evenly spaced layers, which are not these
+        assert float(hidden_loss(student, teacher)(s_h, t_h)) > 1e-3
 
 
 def test_pruned_model_quantizes_and_drafts_for_its_teacher():

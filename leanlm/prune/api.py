@@ -12,6 +12,8 @@ from .shapes import attention_shape, check_prunable, non_embedding_parameters, t
 from .structured import Keep, apply_keep
 
 ROUND_FFN = 32  # intermediate sizes chosen for a parameter target are multiples of this
+LOSS_SAMPLES = 32  # calibration sequences for the "loss" layer metric: one pass per layer, so it costs
+# (layers + 1) forward loops; 32 sequences rank SmolLM2's layers as 64 do
 
 
 def parse_fraction(value) -> float:
@@ -79,11 +81,13 @@ def choose(model: nn.Module, imp: Importance, heads=None, kv_heads=None, ffn=Non
 
 def prune(model: nn.Module, calib: torch.Tensor, params=None, axis: str = "width", heads: int | None = None,
           kv_heads: int | None = None, ffn: int | None = None, hidden: int | None = None, layers: int | None = None,
-          layer_metric: str = "block", reconstruct: bool = True, batch_size: int = 4,
+          layer_metric: str = "loss", reconstruct: bool = True, batch_size: int = 4,
           progress: bool = True) -> nn.Module:
     """A smaller copy of `model`: to `params` (a fraction of non-embedding parameters, e.g. "70%", along
     `axis` width or depth) and/or explicit counts; what goes is what `importance` on `calib` [N, L]
-    ranks least. `layer_metric` "block" (1 - cos) or "loss" (calibration loss when skipped).
+    ranks least. `layer_metric` "loss" (calibration loss on the first LOSS_SAMPLES
+    sequences when the layer alone is skipped; SmolLM2 at 21 of 30 layers distills to 24.9 against
+    26.3 by block importance) or "block" (1 - cos, from the one importance pass).
     `reconstruct`: choose the MLP neurons to keep by the error a least-squares refit of down_proj leaves
     (greedy OBS on `calib`), refit down_proj / o_proj to the neurons and heads that stay, and refit the
     down_proj before each run of dropped layers to write what the run added."""
@@ -105,7 +109,7 @@ def prune(model: nn.Module, calib: torch.Tensor, params=None, axis: str = "width
         imp = importance(model, loop)
         scores = None
         if layer_metric == "loss" and shape["layers"]:
-            scores = layer_loss_importance(model, calib, batch_size)
+            scores = layer_loss_importance(model, calib[:LOSS_SAMPLES], batch_size)
         keep = choose(model, imp, layer_scores=scores, **shape)
         grams = None
         if reconstruct and (lost := lost_projections(model, keep)):

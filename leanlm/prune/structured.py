@@ -168,5 +168,6 @@ def apply_keep(model: nn.Module, keep: Keep) -> nn.Module:
         raise LeanLMError(f"pruning {type(model).__name__} left weights unmatched "
                           f"(missing {sorted(missing)[:3]}, unexpected {unexpected[:3]})")
     small.tie_weights()
-    small.leanlm_pruned_from = {"layers": L0, "hidden": hidden, "heads": n_heads, "kv_heads": n_kv}
+    small.leanlm_pruned_from = {"layers": L0, "hidden": hidden, "heads": n_heads, "kv_heads": n_kv,
+                                "kept_layers": layers}
     return small

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import LeanLMError
-from .losses import HiddenLoss, kd_loss, kd_loss_topk, next_token_loss, teacher_topk
+from .losses import HiddenLoss, hidden_pairs, kd_loss, kd_loss_topk, next_token_loss, teacher_topk
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,8 @@ class DistillConfig:
     temperature: float = 1.0
     kd_weight: float = 1.0
     ce_weight: float = 0.0  # mix in the ordinary next-token loss
-    hidden_weight: float = 0.0  # hidden-state loss on the final layer's output (see HiddenLoss)
+    hidden_weight: float = 0.0  # hidden-state loss (see HiddenLoss)
+    hidden_layers: str = "all"  # "final": final outputs only; "all": every layer against its teacher layer
     topk: int = 0  # > 0: precompute the teacher's top-k log-probs once (cache) instead of live forwards
     cache: str | None = None  # where the top-k cache lives (default: the run's work folder)
 
@@ -34,6 +35,8 @@ class DistillConfig:
             raise LeanLMError(f"temperature {self.temperature} must be positive")
         if min(self.kd_weight, self.ce_weight, self.hidden_weight) < 0:
             raise LeanLMError("loss weights must be >= 0")
+        if self.hidden_layers not in ("final", "all"):
+            raise LeanLMError(f"hidden layers '{self.hidden_layers}': use final or all")
         if self.topk and self.hidden_weight:
             raise LeanLMError("the hidden-state loss needs live teacher forwards: drop --topk or --hidden-weight")
 
@@ -108,14 +111,24 @@ def distill_loss_fn(teacher: nn.Module, cfg: DistillConfig, cache: dict[str, tor
     return loss_fn
 
 
+def hidden_loss(student: nn.Module, teacher: nn.Module, layers: str = "all") -> HiddenLoss:
+    """The hidden-state loss between `student` and `teacher`: see `hidden_pairs`. A student pruned from
+    this teacher pairs its layers with the teacher layers they were kept from."""
+    pruned_from = getattr(student, "leanlm_pruned_from", None) or {}
+    n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+    kept = pruned_from.get("kept_layers") if pruned_from.get("layers") == n_t else None
+    return HiddenLoss(hidden_pairs(n_s, n_t, layers, kept), student.config.hidden_size, teacher.config.hidden_size)
+
+
 def distill(student: nn.Module, teacher: nn.Module, train_data: torch.Tensor, config=None,
             distill: DistillConfig | None = None, work: str | Path | None = None,
             eval_data: torch.Tensor | None = None, train_embeddings: bool = True, progress: bool = True,
             on_step=None, desc: str = "distillation", settings: dict | None = None) -> nn.Module:
     """Knowledge distillation of a (pruned, sparse) `student` from `teacher` on `train_data` [N, L].
 
-    Weights that are exactly zero (a sparsity mask) stay zero. With a hidden-state loss and widths that
-    differ, a learned projection maps the student's final hidden states onto the teacher's (trained
+    Weights that are exactly zero (a sparsity mask) stay zero. The hidden-state loss pairs each student
+    layer with the teacher layer it was pruned from (`hidden_layers="all"`) or only the final outputs;
+    when widths differ a learned projection maps the student's states onto the teacher's (trained
     along, dropped afterwards). Resumable through `work`; returns the student, trained in place.
     """
     import time
@@ -146,7 +159,7 @@ def distill(student: nn.Module, teacher: nn.Module, train_data: torch.Tensor, co
     params = trainable_parameters(student, train_embeddings)
     hidden = None
     if dcfg.hidden_weight:
-        hidden = HiddenLoss([(-1, -1)], student.config.hidden_size, teacher.config.hidden_size)
+        hidden = hidden_loss(student, teacher, dcfg.hidden_layers)
         params.update({f"hidden_loss.{n}": p for n, p in hidden.named_parameters()})
     history = train(student, params, train_data, distill_loss_fn(teacher, dcfg, cache, hidden), cfg, work,
                     eval_data, progress, desc, on_step, grad_masks=sparsity_masks(student, params),

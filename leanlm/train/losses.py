@@ -55,6 +55,26 @@ def kd_loss_topk(student_logits: torch.Tensor, top_logp: torch.Tensor, top_idx: 
     return kl.sum() * t * t
 
 
+def hidden_pairs(student_layers: int, teacher_layers: int, which: str = "all",
+                 kept: list[int] | None = None) -> list[tuple[int, int]]:
+    """Student-to-teacher indices into `output_hidden_states` for `HiddenLoss`.
+
+    "final": the final (normed) outputs only. "all": also each student layer's output against the
+    teacher layer it came from: `kept` (the teacher layers a depth-pruned student kept, in order), or
+    else evenly spaced teacher layers. Index 0 is the embeddings, i + 1 the output of layer i, and -1
+    the final normed output, which is why the last layer pairs through -1.
+    """
+    if which == "final":
+        return [(-1, -1)]
+    if which != "all":
+        raise ValueError(f"hidden layers '{which}': use final or all")
+    if kept is None:
+        kept = [round((j + 1) * teacher_layers / student_layers) - 1 for j in range(student_layers)]
+    if len(kept) != student_layers or not all(0 <= k < teacher_layers for k in kept):
+        raise ValueError(f"kept layers {kept} do not map {student_layers} student layers into {teacher_layers}")
+    return [(j + 1, k + 1) for j, k in enumerate(kept[:-1])] + [(-1, -1)]
+
+
 class HiddenLoss(nn.Module):
     """Normalized MSE between student and teacher hidden states at paired layers, summed over tokens.
 
