@@ -115,7 +115,7 @@ def prune(model: nn.Module, calib: torch.Tensor, params=None, axis: str = "width
         if reconstruct and (lost := lost_projections(model, keep)):
             grams = input_hessians(model, loop, lost, progress)
             if "mlp.down_proj" in lost:
-                keep.neurons = select_neurons(model, grams, len(keep.neurons[keep.layers[0]]))
+                keep.neurons = select_neurons(model, grams, keep)
         small = apply_keep(model, keep)
         if reconstruct:
             reconstruct_pruned(small, model, keep, loop, progress=progress, grams=grams)

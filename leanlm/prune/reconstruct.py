@@ -126,10 +126,13 @@ def lost_projections(model: nn.Module, keep: Keep) -> list[str]:
 
 
 @torch.no_grad()
-def select_neurons(model: nn.Module, grams: list[dict[str, torch.Tensor]], n_keep: int) -> list[list[int]]:
-    """Per decoder layer, the `n_keep` MLP neurons `select_columns` keeps (grams from `input_hessians`)."""
-    return [select_columns(layer.mlp.down_proj.weight.float(), grams[i]["mlp.down_proj"], n_keep)
-            for i, layer in enumerate(decoder_layers(model))]
+def select_neurons(model: nn.Module, grams: list[dict[str, torch.Tensor]], keep: Keep) -> list[list[int]]:
+    """Per decoder layer, the MLP neurons `select_columns` keeps, as many as `keep` keeps (grams from
+    `input_hessians`); layers that `keep` drops keep their entry as it is."""
+    n_keep = len(keep.neurons[keep.layers[0]])
+    kept = set(keep.layers)
+    return [select_columns(layer.mlp.down_proj.weight.float(), grams[i]["mlp.down_proj"], n_keep) if i in kept
+            else keep.neurons[i] for i, layer in enumerate(decoder_layers(model))]
 
 
 def skipped_runs(kept: list[int], n_layers: int) -> dict[int, int]:

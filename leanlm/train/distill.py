@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import LeanLMError
-from .losses import HiddenLoss, hidden_pairs, kd_loss, kd_loss_topk, next_token_loss, teacher_topk
+from .losses import HIDDEN_LAYERS, HiddenLoss, hidden_pairs, kd_loss, kd_loss_topk, next_token_loss, teacher_topk
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ class DistillConfig:
             raise LeanLMError(f"temperature {self.temperature} must be positive")
         if min(self.kd_weight, self.ce_weight, self.hidden_weight) < 0:
             raise LeanLMError("loss weights must be >= 0")
-        if self.hidden_layers not in ("final", "all"):
-            raise LeanLMError(f"hidden layers '{self.hidden_layers}': use final or all")
+        if self.hidden_layers not in HIDDEN_LAYERS:
+            raise LeanLMError(f"hidden layers '{self.hidden_layers}': use one of {', '.join(HIDDEN_LAYERS)}")
         if self.topk and self.hidden_weight:
             raise LeanLMError("the hidden-state loss needs live teacher forwards: drop --topk or --hidden-weight")
 

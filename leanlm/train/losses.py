@@ -55,6 +55,9 @@ def kd_loss_topk(student_logits: torch.Tensor, top_logp: torch.Tensor, top_idx: 
     return kl.sum() * t * t
 
 
+HIDDEN_LAYERS = ("all", "final")  # which layers `hidden_pairs` pairs
+
+
 def hidden_pairs(student_layers: int, teacher_layers: int, which: str = "all",
                  kept: list[int] | None = None) -> list[tuple[int, int]]:
     """Student-to-teacher indices into `output_hidden_states` for `HiddenLoss`.
@@ -66,8 +69,8 @@ def hidden_pairs(student_layers: int, teacher_layers: int, which: str = "all",
     """
     if which == "final":
         return [(-1, -1)]
-    if which != "all":
-        raise ValueError(f"hidden layers '{which}': use final or all")
+    if which not in HIDDEN_LAYERS:
+        raise ValueError(f"hidden layers '{which}': use one of {', '.join(HIDDEN_LAYERS)}")
     if kept is None:
         kept = [round((j + 1) * teacher_layers / student_layers) - 1 for j in range(student_layers)]
     if len(kept) != student_layers or not all(0 <= k < teacher_layers for k in kept):
