@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--speed-tokens", type=int, default=128)
     p.add_argument("--out", default=None, help="results file (default bench/results/prune_<model>.json)")
     p.add_argument("--no-reconstruct", action="store_true", help="prune by activation importance alone, without the least-squares refit")
+    p.add_argument("--train-embeddings", action="store_true", help="distillation also trains the tied embeddings")
     p.add_argument("--no-scratch", action="store_true", help="skip (d), training the pruned shape from scratch")
     p.add_argument("--fresh", action="store_true")
     args = p.parse_args()
@@ -75,7 +76,8 @@ def main() -> None:
 
     out = Path(args.out) if args.out else RESULTS / f"prune_{args.model}.json"
     settings = {k: v for k, v in vars(args).items() if k not in ("fresh", "variants", "sparsity", "out", "no_scratch")}
-    for flag, default in (("ce_weight", 0.0), ("hidden_weight", 0.0), ("layer_metric", "block")):
+    # Runs from before a flag existed had its then-default value (embeddings were trained).
+    for flag, default in (("ce_weight", 0.0), ("hidden_weight", 0.0), ("layer_metric", "block"), ("train_embeddings", True)):
         if settings[flag] == default:
             settings.pop(flag)  # rows of runs from before the flag existed stay valid
     settings["reconstruct"] = not settings.pop("no_reconstruct")  # runs before the refit existed had none
@@ -120,7 +122,7 @@ def main() -> None:
             student = copy.deepcopy(pruned[variant])
             t = time.perf_counter()
             work = WORK / f"{args.model}_{variant}_distill_{run_key}"
-            distill(student, teacher, data, cfg, dcfg, work=work)
+            distill(student, teacher, data, cfg, dcfg, work=work, train_embeddings=args.train_embeddings)
             hist = [h["loss"] for h in student.leanlm_training["history"] if "loss" in h]
             record(variant, "pruned+distilled", student, prune_s + time.perf_counter() - t,
                    {"train_tokens": int(data.numel()), "first_loss": hist[0], "last_loss": hist[-1]})

@@ -359,7 +359,7 @@ def cmd_distill(args) -> None:
     data = training_sequences(tok, args.data, cfg, model=student)
     work = out.with_name(out.name + ".work")
     t = time.perf_counter()
-    distill(student, teacher, data, cfg, dcfg, work, eval_data=_held_out(args, tok))
+    distill(student, teacher, data, cfg, dcfg, work, eval_data=_held_out(args, tok), train_embeddings=args.train_embeddings)
     _finish_training(args, student, tok, out, work, f"distilled {args.model} from {args.teacher}", t, "distilled")
 
 
@@ -567,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="the distilled model; checkpoints go to OUT.work")
     training_args(s, 1e-4)
     distill_args(s)
+    s.add_argument("--train-embeddings", action="store_true",
+                   help="also train the (often tied) embeddings; off by default, as short runs distill better without")
     s.set_defaults(fn=cmd_distill)
 
     sp = sub.add_parser("speculate", help="train EAGLE-3 draft heads and benchmark speculative decoding")

@@ -126,6 +126,37 @@ def test_layer_importance_finds_an_identity_layer():
         assert torch.allclose(small(ids).logits, model(ids).logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
+def test_greedy_layer_loss_matches_brute_force_skipping(make):
+    from leanlm.prune import layer_loss_importance
+    from leanlm.train.losses import next_token_loss
+
+    model = make(layers=5).eval()
+    ids = _ids(6)
+
+    @torch.no_grad()
+    def loss_without(gone):  # full forwards with the layers in `gone` passing their input through
+        def through(mod, args, kwargs, out):
+            h = args[0] if args else kwargs["hidden_states"]
+            return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+
+        hooks = [model.model.layers[j].register_forward_hook(through, with_kwargs=True) for j in gone]
+        try:
+            return sum(float(next_token_loss(model(ids[i:i + 4], use_cache=False).logits, ids[i:i + 4]))
+                       for i in range(0, 6, 4)) / ids[:, 1:].numel()
+        finally:
+            for h in hooks:
+                h.remove()
+
+    base = loss_without([])
+    one = layer_loss_importance(model, ids)
+    assert torch.allclose(one, torch.tensor([loss_without([j]) - base for j in range(5)]), atol=1e-5)
+    first = int(one.argmin())
+    second = min((j for j in range(5) if j != first), key=lambda j: loss_without([first, j]))
+    greedy = layer_loss_importance(model, ids, drop=2)
+    assert greedy.argsort()[:2].tolist() == [first, second]
+
+
 def test_parameter_targets():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -192,10 +223,12 @@ def test_distillation_recovers_and_keeps_sparsity(tmp_path):
     zeros = student.model.layers[0].mlp.up_proj.weight == 0
     cfg = leanlm.TrainConfig(batch_size=8, micro_batch=4, lr=3e-3, epochs=3, bf16=False, seq_len=32)
     dcfg = leanlm.DistillConfig(hidden_weight=0.5)
-    leanlm.train.distill(student, teacher, ids, cfg, dcfg, work=tmp_path / "w", progress=False)
+    emb = student.get_input_embeddings().weight.detach().clone()
+    leanlm.train.distill(student, teacher, ids, cfg, dcfg, work=tmp_path / "w", progress=False, train_embeddings=True)
     hist = student.leanlm_training["history"]
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert torch.equal(student.model.layers[0].mlp.up_proj.weight == 0, zeros)
+    assert not torch.equal(student.get_input_embeddings().weight, emb)
 
 
 def test_cli_prune_sparsify_distill(tmp_path, tiny_model_dir, capsys):
@@ -213,6 +246,8 @@ def test_cli_prune_sparsify_distill(tmp_path, tiny_model_dir, capsys):
                  str(tmp_path / "dist"), "--tokens", "1024", "--seq-len", "64", "--batch-size", "4",
                  "--no-bf16", "--hidden-weight", "0.5"]) == 0
     model, _ = leanlm.load(tmp_path / "dist")
+    sparse, _ = leanlm.load(tmp_path / "sparse")  # the embeddings stay fixed without --train-embeddings
+    assert torch.equal(model.get_input_embeddings().weight, sparse.get_input_embeddings().weight)
     w = model.model.layers[0].mlp.up_proj.weight
     assert ((w.reshape(-1, 4) != 0).sum(-1) <= 2).all()  # the 2:4 mask survived distillation
     assert not (tmp_path / "dist.work").exists()

@@ -7,14 +7,15 @@ layers matter, from one calibration forward loop.
 - neuron: mean |activation| entering down_proj (weighting it by the neuron's down_proj column, as
   for heads, made SmolLM2 pruned to 70% worse: 58 against 51 perplexity before distillation);
 - hidden channel: mean |output| of every norm that writes the residual stream's width, summed;
-- layer: block importance, mean over tokens of 1 - cos(layer input, layer output); optionally the
-  increase of the calibration loss when the layer alone is skipped (`layer_loss_importance`).
+- layer: block importance, mean over tokens of 1 - cos(layer input, layer output); or the increase of
+  the calibration loss when the layer is skipped, greedily for several (`layer_loss_importance`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -93,29 +94,106 @@ def importance(model: nn.Module, forward_loop: Callable[[nn.Module], None]) -> I
                       block.float(), n)
 
 
-@torch.no_grad()
-def layer_loss_importance(model: nn.Module, batches: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """Per layer: calibration loss with that layer skipped minus the full model's (higher = more needed)."""
+@contextlib.contextmanager
+def _rewired(layers: nn.ModuleList, start: int, skip: set[int], returns_tuple: bool, state: dict) -> Iterator[None]:
+    """Layers before `start` return `state["h"]` (the known input of layer `start`, so the model's prefix
+    costs nothing); layers in `skip` pass their input through."""
+    def wrap(h):
+        return (h,) if returns_tuple else h
+
+    def inject(hidden_states, *args, **kwargs):
+        return wrap(state["h"])
+
+    def through(hidden_states, *args, **kwargs):
+        return wrap(hidden_states)
+
+    patched = [j for j in range(len(layers)) if j < start or j in skip]
+    for j in patched:
+        layers[j].forward = inject if j < start else through
+    try:
+        yield
+    finally:
+        for j in patched:
+            del layers[j].forward
+
+
+def _capture(model: nn.Module, batches: torch.Tensor, batch_size: int) -> list[tuple]:
+    """(ids, input of the first decoder layer, each layer's call kwargs) per batch: masks differ by batch size."""
+    from ..quant.sequential import capture_inputs
+
+    layers = decoder_layers(model)
+    out = []
+    for i in range(0, len(batches), batch_size):
+        ids = batches[i:i + batch_size]
+        inputs = capture_inputs(model, layers, lambda m: m(ids, use_cache=False))
+        out.append((ids, inputs.hidden[0], inputs.kwargs))
+    return out
+
+
+def _skip_losses(model: nn.Module, captured: list[tuple], skip: set[int], candidates: set[int]) -> dict[int, float]:
+    """Mean next-token loss with the layers in `skip` gone and, one at a time, each candidate too
+    (`-1`: no candidate, just `skip`).
+
+    Each batch walks down the layers keeping its input to the current one, so a candidate's loss runs
+    only the layers after it (prefix caching): about half the cost of full forwards."""
+    from ..quant.sequential import layer_output
     from ..train.losses import next_token_loss
 
-    def loss():
-        total, count = 0.0, 0
-        for i in range(0, len(batches), batch_size):
-            ids = batches[i:i + batch_size]
-            total += float(next_token_loss(model(ids, use_cache=False).logits, ids))
-            count += ids[:, 1:].numel()
-        return total / count
+    layers = decoder_layers(model)
+    totals = dict.fromkeys(candidates, 0.0)
+    count = 0
+    state = {}
 
-    base = loss()
-    scores = []
-    for layer in decoder_layers(model):
-        def skip(mod, args, kwargs, out):
-            h_in = args[0] if args else kwargs["hidden_states"]
-            return (h_in,) + tuple(out[1:]) if isinstance(out, tuple) else h_in
+    def tail_loss(ids, start, gone):
+        with _rewired(layers, start, gone, returns_tuple, state):
+            return float(next_token_loss(model(ids, use_cache=False).logits, ids))
 
-        h = layer.register_forward_hook(skip, with_kwargs=True)
-        try:
-            scores.append(loss() - base)
-        finally:
-            h.remove()
-    return torch.tensor(scores)
+    for ids, h, kwargs in captured:
+        returns_tuple = isinstance(layers[0](h, **kwargs[0]), tuple)
+        count += ids[:, 1:].numel()
+        if -1 in totals:
+            state["h"] = h
+            totals[-1] += tail_loss(ids, 0, skip)
+        for j, layer in enumerate(layers):
+            if j in totals:
+                state["h"] = h
+                totals[j] += tail_loss(ids, j, skip | {j})
+            if j not in skip:
+                h = layer_output(layer, h, kwargs[j])
+    return {j: t / count for j, t in totals.items()}
+
+
+@torch.no_grad()
+def layer_loss_importance(model: nn.Module, batches: torch.Tensor, batch_size: int = 4, drop: int = 1,
+                          candidates: int = 5, progress: bool = False) -> torch.Tensor:
+    """Per layer: how much the calibration loss rises when the layer is skipped (higher = more needed).
+
+    With `drop` > 1 the layers go greedily, one at a time, each the one whose skipping costs the least
+    given those already gone; each round rescores only the `drop + candidates` cheapest layers of the
+    first round. The `drop` layers chosen get the lowest scores, in the order they went. SmolLM2 at
+    21 of 30 layers: 35.2 perplexity after the refit, against 37.1 dropping the 9 cheapest at once.
+    """
+    from tqdm.auto import tqdm
+
+    L = len(decoder_layers(model))
+    rounds = max(1, min(drop, L - 1))
+    bar = tqdm(total=rounds, desc="layer losses", unit="round", disable=not progress)
+    captured = _capture(model, batches, batch_size)
+    first = _skip_losses(model, captured, set(), {-1, *range(L)})
+    bar.update()
+    scores = torch.tensor([first[j] - first[-1] for j in range(L)])
+    if drop <= 1:
+        bar.close()
+        return scores
+    order = scores.argsort().tolist()
+    gone = [order[0]]
+    while len(gone) < rounds:
+        pool = {j for j in order[:drop + candidates] if j not in gone}
+        losses = _skip_losses(model, captured, set(gone), pool)
+        gone.append(min(losses, key=losses.get))
+        bar.update()
+    bar.close()
+    floor = float(scores.min()) - 1.0
+    for r, j in enumerate(gone):
+        scores[j] = floor - (len(gone) - r)
+    return scores

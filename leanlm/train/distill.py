@@ -122,10 +122,12 @@ def hidden_loss(student: nn.Module, teacher: nn.Module, layers: str = "all") -> 
 
 def distill(student: nn.Module, teacher: nn.Module, train_data: torch.Tensor, config=None,
             distill: DistillConfig | None = None, work: str | Path | None = None,
-            eval_data: torch.Tensor | None = None, train_embeddings: bool = True, progress: bool = True,
+            eval_data: torch.Tensor | None = None, train_embeddings: bool = False, progress: bool = True,
             on_step=None, desc: str = "distillation", settings: dict | None = None) -> nn.Module:
     """Knowledge distillation of a (pruned, sparse) `student` from `teacher` on `train_data` [N, L].
 
+    The embeddings (and a tied lm_head) stay fixed unless `train_embeddings`: SmolLM2 depth-pruned to
+    21 of 30 layers distills to 24.37 with them fixed against 24.81 trained (79,872 tokens).
     Weights that are exactly zero (a sparsity mask) stay zero. The hidden-state loss pairs each student
     layer with the teacher layer it was pruned from (`hidden_layers="all"`) or only the final outputs;
     when widths differ a learned projection maps the student's states onto the teacher's (trained
