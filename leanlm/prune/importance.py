@@ -130,7 +130,8 @@ def _capture(model: nn.Module, batches: torch.Tensor, batch_size: int) -> list[t
     return out
 
 
-def _skip_losses(model: nn.Module, captured: list[tuple], skip: set[int], candidates: set[int]) -> dict[int, float]:
+def _skip_losses(model: nn.Module, captured: list[tuple], returns_tuple: bool, skip: set[int],
+                 candidates: set[int]) -> dict[int, float]:
     """Mean next-token loss with the layers in `skip` gone and, one at a time, each candidate too
     (`-1`: no candidate, just `skip`).
 
@@ -149,7 +150,6 @@ def _skip_losses(model: nn.Module, captured: list[tuple], skip: set[int], candid
             return float(next_token_loss(model(ids, use_cache=False).logits, ids))
 
     for ids, h, kwargs in captured:
-        returns_tuple = isinstance(layers[0](h, **kwargs[0]), tuple)
         count += ids[:, 1:].numel()
         if -1 in totals:
             state["h"] = h
@@ -175,24 +175,25 @@ def layer_loss_importance(model: nn.Module, batches: torch.Tensor, batch_size: i
     """
     from tqdm.auto import tqdm
 
-    L = len(decoder_layers(model))
+    layers = decoder_layers(model)
+    L = len(layers)
     rounds = max(1, min(drop, L - 1))
-    bar = tqdm(total=rounds, desc="layer losses", unit="round", disable=not progress)
     captured = _capture(model, batches, batch_size)
-    first = _skip_losses(model, captured, set(), {-1, *range(L)})
-    bar.update()
-    scores = torch.tensor([first[j] - first[-1] for j in range(L)])
-    if drop <= 1:
-        bar.close()
-        return scores
-    order = scores.argsort().tolist()
-    gone = [order[0]]
-    while len(gone) < rounds:
-        pool = {j for j in order[:drop + candidates] if j not in gone}
-        losses = _skip_losses(model, captured, set(gone), pool)
-        gone.append(min(losses, key=losses.get))
+    _, h, kwargs = captured[0]
+    returns_tuple = isinstance(layers[0](h, **kwargs[0]), tuple)  # what a skipped layer must return
+    with tqdm(total=rounds, desc="layer losses", unit="round", disable=not progress) as bar:
+        first = _skip_losses(model, captured, returns_tuple, set(), {-1, *range(L)})
         bar.update()
-    bar.close()
+        scores = torch.tensor([first[j] - first[-1] for j in range(L)])
+        order = scores.argsort().tolist()
+        gone = [order[0]]
+        while len(gone) < rounds:
+            pool = {j for j in order[:drop + candidates] if j not in gone}
+            losses = _skip_losses(model, captured, returns_tuple, set(gone), pool)
+            gone.append(min(losses, key=losses.get))
+            bar.update()
+    if drop <= 1:
+        return scores
     floor = float(scores.min()) - 1.0
     for r, j in enumerate(gone):
         scores[j] = floor - (len(gone) - r)
