@@ -192,10 +192,14 @@ NVFP4 = NAMED_SPECS["nvfp4"]
 _BASE_PRESETS = [
     _preset("fp8", "FP8 E4M3 weights and activations, per-tensor scales (static, max-calibrated)",
             FP8_TENSOR, FP8_TENSOR),
-    _preset("fp8_dynamic", "FP8 E4M3 weights per output channel, activations per token with scales computed on "
-            "every call (vLLM's FP8_DYNAMIC); needs no calibration data", FP8_ROW, FP8_ROW.with_(dynamic=True)),
-    _preset("fp8_gptq", "fp8_dynamic with GPTQ error compensation of the weights (the same checkpoint format)",
-            FP8_ROW, FP8_ROW.with_(dynamic=True), "gptq"),
+    # MSE-searched weight scales: within a binade E4M3's steps are uniform, so the row maximum need not
+    # land on 448 (smollm2: +2.3% perplexity against +2.7% for max scales).
+    _preset("fp8_dynamic", "FP8 E4M3 weights per output channel (MSE-searched scales), activations per token with "
+            "scales computed on every call (vLLM's FP8_DYNAMIC layout); needs no calibration data",
+            FP8_ROW, FP8_ROW.with_(dynamic=True), weight_calibration="mse"),
+    _preset("fp8_gptq", "fp8_dynamic with GPTQ error compensation of the weights (act-order, from MSE-searched "
+            "scales; the same checkpoint format)", FP8_ROW, FP8_ROW.with_(dynamic=True), "gptq",
+            weight_calibration="mse", act_order=True),
     _preset("int8_sq", "W8A8 INT8 with SmoothQuant: per-channel weights, per-tensor static activations",
             INT8_ROW, QuantSpec("int8", block_size=0), "smoothquant"),
     _preset("w8a16", "INT8 weights, per-channel symmetric scales; activations float", INT8_ROW),
