@@ -52,12 +52,26 @@ def test_gptq_beats_rtn(outlier_layer):
 def test_awq_beats_rtn(outlier_layer):
     w, x = outlier_layer
     rtn = _out_err(x, w, quant_dequant(w, INT4_G32))
-    s = awq_scale(w, INT4_G32, x.abs().mean(0), x)
+    s = awq_scale(w, INT4_G32, x.abs().mean(0), x.T @ x / len(x))
     wq = quant_dequant(w * s, INT4_G32) / s
     assert _out_err(x, w, wq) < 0.8 * rtn
-    qp = search_clip(w * s, INT4_G32, x=x / s)
+    xs = x / s
+    qp = search_clip(w * s, INT4_G32, gram=xs.T @ xs / len(xs))
     clipped = quant_dequant(w * s, INT4_G32, qp) / s
     assert _out_err(x, w, clipped) <= _out_err(x, w, wq)
+
+
+@pytest.mark.parametrize("block", [32, 48, -1, 0])
+def test_clip_search_on_sample_rows_equals_it_on_their_second_moment(block):
+    """Judging clipping by E[x^T x] is exact: the same choice as on the rows themselves, partial
+    blocks (48 does not divide 128), per-channel and per-tensor included."""
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(16, 128, generator=g), torch.randn(200, 128, generator=g) * torch.rand(128, generator=g) * 4
+    spec = QuantSpec("int4", block_size=block)
+    a, b = search_clip(w, spec, x=x), search_clip(w, spec, gram=x.T @ x / len(x))
+    assert torch.equal(a.scale, b.scale)
+    if block:  # per block, the inputs change some choices (per tensor, one choice may well agree)
+        assert not torch.equal(a.scale, search_clip(w, spec).scale)
 
 
 def test_smoothquant_beats_plain_w8a8(outlier_layer):

@@ -68,13 +68,22 @@ class RangeObserver:
         return best
 
 
+def diagonal_blocks(m: torch.Tensor, b: int) -> torch.Tensor:
+    """The [n_blocks, b, b] diagonal blocks of a square matrix, zero-padded like `to_blocks`."""
+    pad = (-m.shape[0]) % b
+    m = torch.nn.functional.pad(m, (0, pad, 0, pad))
+    n = m.shape[0] // b
+    return m.reshape(n, b, n, b).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
 @torch.no_grad()
 def search_clip(w: torch.Tensor, spec: QuantSpec, x: torch.Tensor | None = None,
-                ratios: torch.Tensor | None = None) -> QParams:
+                ratios: torch.Tensor | None = None, gram: torch.Tensor | None = None) -> QParams:
     """Per-block clipping of the weight's range minimizing quantization error.
 
-    With sample inputs `x` [T, in] the error is that of each block's contribution to the layer output
-    (AWQ's clipping search); without, the weight's own squared error (MSE calibration).
+    With the inputs' second moment `gram` = E[x^T x] [in, in] (or sample inputs `x` [T, in] to take it
+    from) the error is that of each block's contribution to the layer output (AWQ's clipping search);
+    without, the weight's own squared error (MSE calibration).
     """
     ratios = torch.linspace(1.0, 0.5, 21) if ratios is None else ratios
     w = w.detach().float()
@@ -82,22 +91,24 @@ def search_clip(w: torch.Tensor, spec: QuantSpec, x: torch.Tensor | None = None,
     amax0 = wb.abs().amax(-1, keepdim=True)
     amin0 = wb.amin(-1, keepdim=True) if not spec.symmetric else None
     amax_hi = wb.amax(-1, keepdim=True) if not spec.symmetric else amax0
-    gram = None
-    if x is not None and spec.block_size != 0:
-        # A block's output error mean_t (x_tg . d_og)^2 is d_og^T G_g d_og with G_g the block's slice of
-        # x^T x / T: exact, and out*in*b work per ratio instead of T*out*in.
-        xb = to_blocks(x.detach().float(), spec.block_size)  # [T, n_blocks, b]
-        gram = torch.einsum("tgk,tgl->gkl", xb, xb) / xb.shape[0]
+    if x is not None:
+        x = x.detach().float()
+        gram = x.T @ x / x.shape[0]
+    block_grams = None
+    if gram is not None and spec.block_size != 0:
+        # A block's output error E_t (x_tg . d_og)^2 is d_og^T G_g d_og with G_g the block's diagonal
+        # slice of E[x^T x]: exact, and out*in*b work per ratio.
+        block_grams = diagonal_blocks(gram.float(), w.shape[-1] if spec.block_size == -1 else spec.block_size)
     gmax = w.abs().amax()
     best_err, best_r = None, None
     for r in ratios:
         qp = compute_qparams(w, spec, amax=amax_hi * r, amin=None if amin0 is None else amin0 * r, global_amax=gmax * r)
         d = dequantize_blocks(quantize_blocks(w, spec, qp), spec, qp, w.shape) - w
         db = to_blocks(d, spec.block_size)
-        if gram is not None:
-            err = torch.einsum("ogk,gkl,ogl->og", db, gram, db).unsqueeze(-1)  # [out, n_blocks, 1]
-        elif x is not None:  # per-tensor: one block, judged by the whole output
-            err = (x.float() @ d.T).pow(2).mean().reshape(1, 1)
+        if block_grams is not None:
+            err = torch.einsum("ogk,gkl,ogl->og", db, block_grams, db).unsqueeze(-1)  # [out, n_blocks, 1]
+        elif gram is not None:  # per-tensor: one block, judged by the whole output
+            err = ((d @ gram.float()) * d).sum().reshape(1, 1)
         else:
             err = db.pow(2).sum(-1, keepdim=True)
         if best_err is None:

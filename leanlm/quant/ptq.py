@@ -89,10 +89,13 @@ def _apply_algorithm(name: str, q: QuantLinear, st: InputStats, opts: dict) -> N
                 s = smoothquant_scale(st.absmax / smooth, q.weight, float(opts["alpha"]))
             q.apply_smooth(s)
     elif name == "awq" and q.weight_spec is not None:
-        raw = torch.cat(st.sample)
-        q.apply_smooth(awq_scale(q.weight, q.weight_spec, st.absmean / smooth, raw / smooth, opts["awq_grid"]))
-        if opts["awq_clip"]:  # the clipping search is judged on the first 512 sample rows
-            q.weight_qp = search_clip(q.weight, q.weight_spec, x=raw[:512] / q.smooth)
+        # Both searches are judged on every calibration token (through E[x^T x]): judged on a sample of
+        # rows, the per-block clipping choices overfit it.
+        xtx = st.hessian / max(st.tokens, 1)
+        q.apply_smooth(awq_scale(q.weight, q.weight_spec, st.absmean / smooth, xtx / (smooth[:, None] * smooth),
+                                 opts["awq_grid"]))
+        if opts["awq_clip"]:
+            q.weight_qp = search_clip(q.weight, q.weight_spec, gram=xtx / (q.smooth[:, None] * q.smooth))
     elif name == "gptq" and q.weight_spec is not None:
         h = st.hessian / (smooth[:, None] * smooth[None, :])  # inputs are x / s once smoothed
         # MSE weight calibration fixes the scales GPTQ starts from (with act_order they stay fixed).
@@ -105,7 +108,7 @@ def _apply_algorithm(name: str, q: QuantLinear, st: InputStats, opts: dict) -> N
 
 
 def _needs_sample(recipe: Recipe) -> bool:
-    return "awq" in recipe.algorithm or ("smoothquant" in recipe.algorithm and recipe.options["alpha"] == "search")
+    return "smoothquant" in recipe.algorithm and recipe.options["alpha"] == "search"
 
 
 @torch.no_grad()
@@ -123,7 +126,7 @@ def calibrate_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict,
     # Not sequential: the float pass also hands the next layer its input, so it runs for RTN recipes too.
     if (data_algos or not opts["sequential"]) and linears:
         stats, float_outputs = collect_input_stats(
-            layer, linears, hidden, kwargs, hessian="gptq" in data_algos,
+            layer, linears, hidden, kwargs, hessian=bool({"gptq", "awq"} & set(data_algos)),
             sample_tokens=opts["sample_tokens"] if _needs_sample(recipe) else 0, keep_outputs=not opts["sequential"])
         for algo in data_algos:
             for n, q in linears.items():

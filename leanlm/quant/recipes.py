@@ -35,7 +35,7 @@ DEFAULT_OPTIONS = {
     "alpha": "search",  # SmoothQuant migration strength in [0, 1], or "search" (best per layer)
     "awq_grid": 20,  # AWQ scale-search points in [0, 1)
     "awq_clip": True,  # AWQ weight-clipping search after scaling
-    "sample_tokens": 1024,  # input rows per layer kept for AWQ's searches
+    "sample_tokens": 1024,  # input rows per layer kept for SmoothQuant's alpha search
     "gptq_block": 128,  # GPTQ columns updated together
     "gptq_damp": 0.01,  # GPTQ Hessian dampening (fraction of its mean diagonal)
     "act_order": False,  # GPTQ: columns by decreasing Hessian diagonal

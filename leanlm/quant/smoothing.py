@@ -46,13 +46,13 @@ def smoothquant_search(act_absmax: torch.Tensor, weight: torch.Tensor, weight_sp
 
 
 @torch.no_grad()
-def awq_scale(weight: torch.Tensor, spec: QuantSpec, act_absmean: torch.Tensor, x: torch.Tensor,
+def awq_scale(weight: torch.Tensor, spec: QuantSpec, act_absmean: torch.Tensor, gram: torch.Tensor,
               grid: int = 20) -> torch.Tensor:
     """Activation-aware scale search (Lin et al., 2024): s = mean|x|^a / mean|w|^(1-a), with the a in
-    [0, 1) whose quantized layer output on the sample inputs `x` [T, in] is closest to the float one."""
+    [0, 1) whose quantized layer output is closest to the float one over the calibration inputs, whose
+    second moment E[x^T x] is `gram` [in, in] (the output error of a weight change d is tr(d G d^T))."""
     w = weight.detach().float()
-    x = x.float()
-    ref = x @ w.T
+    g = gram.float()
     w_mean = (w.abs() / w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8)).mean(dim=0)
     x_mean = act_absmean.float()
     best_s, best_err = torch.ones_like(x_mean), None
@@ -60,8 +60,8 @@ def awq_scale(weight: torch.Tensor, spec: QuantSpec, act_absmean: torch.Tensor, 
         a = i / grid
         s = x_mean.clamp(min=1e-4).pow(a) / w_mean.clamp(min=1e-4).pow(1 - a)
         s = (s / (s.max() * s.min()).sqrt()).clamp(min=1e-4)
-        wq = quant_dequant(w * s, spec) / s
-        err = (x @ wq.T - ref).pow(2).mean()
+        d = quant_dequant(w * s, spec) / s - w
+        err = ((d @ g) * d).sum()
         if best_err is None or err < best_err:
             best_s, best_err = s, err
     return best_s
