@@ -7,10 +7,13 @@
     .venv/bin/python bench/qat.py --sft-first --out bench/results/qat_smollm2-135m_sft.json
     .venv/bin/python bench/qat.py --sft-first --batch-size 2 --micro-batch 2 \
         --out bench/results/qat_smollm2-135m_sft_b2.json          # more, smaller steps (same tokens)
+    .venv/bin/python bench/qat.py --sft-first --batch-size 2 --micro-batch 2 --topk 0 \
+        --out bench/results/qat_smollm2-135m_sft_b2_live.json     # QAD against the live teacher's full logits
 
 Training text is the wiki calibration split (disjoint from the evaluation split); QAT and QAD see the
 same sequences in the same order. QAD reads the float teacher's top-k log-probs from a cache built
-once (its build time is reported and counted in QAD's time). Training on wiki text lowers wiki
+once (its build time is reported and counted in QAD's time), or with `--topk 0` runs the teacher
+alongside and matches its full distribution. Training on wiki text lowers wiki
 perplexity by itself (domain adaptation): `--float-ft` fine-tunes the float model on the same tokens,
 and the table's last column measures recovery against that instead of the untouched float model.
 `--sft-first` is Model Optimizer's workflow: that fine-tuned float model is the baseline, the QAD
