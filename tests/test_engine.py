@@ -98,7 +98,7 @@ def test_tree_mask_scores_each_branch_as_if_alone():
     torch.testing.assert_close(after_tree, eng.forward(torch.tensor([7])), atol=1e-5, rtol=1e-5)
 
 
-PACKED = ["w8a16", "w4a16_rtn_g64", "w4a16_rtn", "fp8", "fp8_dynamic", "int8_sq", "nvfp4", "mxfp4", "mxfp8", "fp8_kv_fp8"]
+PACKED = ["w8a16", "w4a16_rtn_g64", "w4a16_rtn", "fp8", "fp8_dynamic", "fp8_block_g64", "int8_sq", "nvfp4", "mxfp4", "mxfp8", "fp8_kv_fp8"]
 
 
 @pytest.mark.parametrize("recipe", PACKED)

@@ -51,6 +51,7 @@ def _load(out):
 
 @pytest.mark.parametrize("recipe,fmt", [("w4a16_rtn_g64", "pack-quantized"), (ASYM, "pack-quantized"),
                                         ("w8a16", "pack-quantized"), ("fp8", "float-quantized"), ("fp8_dynamic", "float-quantized"),
+                                        ("fp8_block_g64", "float-quantized"),
                                         (W8A8, "int-quantized"), ("w8a16_kv_fp8", "pack-quantized")])
 def test_transformers_loads_and_matches(tmp_path, tok, recipe, fmt):
     m = _quantized(recipe)
