@@ -140,15 +140,41 @@ def main() -> None:
     settings = {"model": args.model, "data": args.data, "calib_samples": args.calib_samples, "seq_len": args.seq_len,
                 "eval_tokens": args.eval_tokens, "window": args.window}
     out = RESULTS / f"ptq_{args.model}.json"
-    earlier = json.loads(out.read_text()) if out.is_file() and not args.fresh else {}
-    kept = earlier.get("rows", []) if all(earlier.get(k) == v for k, v in settings.items()) else []
+    fresh = args.fresh
+
+    def kept_rows() -> list[dict]:
+        """The file's rows for the same settings, read again at every save so that two runs in parts
+        (or at once) both keep theirs."""
+        earlier = json.loads(out.read_text()) if out.is_file() and not fresh else {}
+        return earlier.get("rows", []) if all(earlier.get(k) == v for k, v in settings.items()) else []
 
     rows = []
+
+    def merged() -> list[dict]:
+        kept = kept_rows()
+        ran = {(r["toolkit"], r["scheme"]) for r in rows}
+        out_rows = [dict(r) for r in kept if (r["toolkit"], r["scheme"]) not in ran] + [dict(r) for r in rows]
+        order = {"leanlm": 0, "modelopt": 1, "llmcompressor": 2}
+        out_rows.sort(key=lambda r: (order.get(r["toolkit"], 9), r["scheme"] != "float", r["scheme"]))
+        base = next((r["perplexity"] for r in out_rows if r["scheme"] == "float"), None)
+        for r in out_rows:
+            if r.get("perplexity") and base:
+                r["delta_pct"] = 100 * (r["perplexity"] / base - 1)
+        return out_rows
+
+    def save() -> list[dict]:  # after every variant: a long run stopped part-way keeps what it measured
+        nonlocal fresh
+        out_rows = merged()
+        atomic_write_text(out, json.dumps({**settings, "rows": out_rows}, indent=2))
+        fresh = False  # --fresh discards the rows from before this run, not this run's own
+        return out_rows
+
     for scheme in ["float"] + [r for r in args.recipes.split(",") if r]:
         res = work / f"ours_{scheme}.json"
         r = _child([sys.executable, __file__, "--one", scheme, "--result", str(res)] + common, res,
                    f"leanlm {scheme}", args.timeout)
         rows.append({"toolkit": "leanlm", "scheme": scheme, **r, "measured": time.strftime("%Y-%m-%d %H:%M")})
+        save()
     if not args.no_peers:
         for peer in args.peers.split(","):
             py = PEERS / f".venv-{peer}" / "bin" / "python"
@@ -165,18 +191,11 @@ def main() -> None:
                        "--out", str(res)]
                 r = _child(cmd, res, f"{peer} {scheme}", args.timeout)
                 rows.append({**r, "toolkit": peer, "scheme": scheme, "measured": time.strftime("%Y-%m-%d %H:%M")})
+                save()
 
-    ran = {(r["toolkit"], r["scheme"]) for r in rows}
-    rows = [r for r in kept if (r["toolkit"], r["scheme"]) not in ran] + rows
-    order = {"leanlm": 0, "modelopt": 1, "llmcompressor": 2}
-    rows.sort(key=lambda r: (order.get(r["toolkit"], 9), r["scheme"] != "float", r["scheme"]))
-    base = next(r["perplexity"] for r in rows if r["scheme"] == "float")
-    for r in rows:
-        if r.get("perplexity"):
-            r["delta_pct"] = 100 * (r["perplexity"] / base - 1)
+    rows = save()
     print()
     print(format_rows(rows))
-    atomic_write_text(out, json.dumps({**settings, "rows": rows}, indent=2))
     print(f"\nwrote {out}")
 
 
