@@ -82,7 +82,8 @@ def search_clip(w: torch.Tensor, spec: QuantSpec, x: torch.Tensor | None = None,
     """Per-block clipping of the weight's range minimizing quantization error.
 
     With the inputs' second moment `gram` = E[x^T x] [in, in] (or sample inputs `x` [T, in] to take it
-    from) the error is that of each block's contribution to the layer output (AWQ's clipping search);
+    from) the error is that of each block's contribution to the layer output (AWQ's clipping search),
+    and a row keeps its clipping only where its whole output error is below that without clipping;
     without, the weight's own squared error (MSE calibration).
     """
     ratios = torch.linspace(1.0, 0.5, 21) if ratios is None else ratios
@@ -117,5 +118,20 @@ def search_clip(w: torch.Tensor, spec: QuantSpec, x: torch.Tensor | None = None,
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_r = torch.where(better, torch.full_like(err, float(r)), best_r)
-    return compute_qparams(w, spec, amax=amax_hi * best_r, amin=None if amin0 is None else amin0 * best_r,
+    best = compute_qparams(w, spec, amax=amax_hi * best_r, amin=None if amin0 is None else amin0 * best_r,
                            global_amax=gmax * best_r.max())
+    if block_grams is None or spec.block_size == -1:
+        return best
+    # Each block was judged on its own diagonal slice of E[x^T x]; with inputs correlated across blocks
+    # (gemma3's outlier features) the blocks' errors add up differently. A row's output error is
+    # exact under the whole matrix, so per row keep the clipped scales only where they beat none.
+    plain = compute_qparams(w, spec, amax=amax_hi, amin=amin0, global_amax=gmax * best_r.max())
+    g = gram.float()
+
+    def row_err(qp: QParams) -> torch.Tensor:
+        d = dequantize_blocks(quantize_blocks(w, spec, qp), spec, qp, w.shape) - w
+        return ((d @ g) * d).sum(-1)
+
+    keep = (row_err(best) <= row_err(plain))[:, None, None]
+    return QParams(torch.where(keep, best.scale, plain.scale),
+                   None if best.zero is None else torch.where(keep, best.zero, plain.zero), best.global_scale)
