@@ -140,34 +140,25 @@ def main() -> None:
     settings = {"model": args.model, "data": args.data, "calib_samples": args.calib_samples, "seq_len": args.seq_len,
                 "eval_tokens": args.eval_tokens, "window": args.window}
     out = RESULTS / f"ptq_{args.model}.json"
-    fresh = args.fresh
-
-    def kept_rows() -> list[dict]:
-        """The file's rows for the same settings, read again at every save so that two runs in parts
-        (or at once) both keep theirs."""
-        earlier = json.loads(out.read_text()) if out.is_file() and not fresh else {}
-        return earlier.get("rows", []) if all(earlier.get(k) == v for k, v in settings.items()) else []
-
+    if args.fresh:
+        out.unlink(missing_ok=True)
     rows = []
 
-    def merged() -> list[dict]:
-        kept = kept_rows()
+    def save() -> list[dict]:
+        """Write this run's rows over the file's rows for the same settings, read again at every save
+        (after each variant), so a run stopped part-way keeps what it measured and two runs keep theirs."""
+        earlier = json.loads(out.read_text()) if out.is_file() else {}
+        kept = earlier.get("rows", []) if all(earlier.get(k) == v for k, v in settings.items()) else []
         ran = {(r["toolkit"], r["scheme"]) for r in rows}
-        out_rows = [dict(r) for r in kept if (r["toolkit"], r["scheme"]) not in ran] + [dict(r) for r in rows]
+        merged = [r for r in kept if (r["toolkit"], r["scheme"]) not in ran] + rows
         order = {"leanlm": 0, "modelopt": 1, "llmcompressor": 2}
-        out_rows.sort(key=lambda r: (order.get(r["toolkit"], 9), r["scheme"] != "float", r["scheme"]))
-        base = next((r["perplexity"] for r in out_rows if r["scheme"] == "float"), None)
-        for r in out_rows:
+        merged.sort(key=lambda r: (order.get(r["toolkit"], 9), r["scheme"] != "float", r["scheme"]))
+        base = next((r["perplexity"] for r in merged if r["scheme"] == "float"), None)
+        for r in merged:
             if r.get("perplexity") and base:
                 r["delta_pct"] = 100 * (r["perplexity"] / base - 1)
-        return out_rows
-
-    def save() -> list[dict]:  # after every variant: a long run stopped part-way keeps what it measured
-        nonlocal fresh
-        out_rows = merged()
-        atomic_write_text(out, json.dumps({**settings, "rows": out_rows}, indent=2))
-        fresh = False  # --fresh discards the rows from before this run, not this run's own
-        return out_rows
+        atomic_write_text(out, json.dumps({**settings, "rows": merged}, indent=2))
+        return merged
 
     for scheme in ["float"] + [r for r in args.recipes.split(",") if r]:
         res = work / f"ours_{scheme}.json"

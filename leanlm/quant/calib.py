@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import LeanLMError
-from .formats import QParams, QuantSpec, compute_qparams, dequantize_blocks, quant_dequant, quantize_blocks, to_blocks
+from .formats import QParams, QuantSpec, compute_qparams, quant_dequant, to_blocks
 
 METHODS = ("max", "percentile", "mse")
 
@@ -104,7 +104,7 @@ def search_clip(w: torch.Tensor, spec: QuantSpec, x: torch.Tensor | None = None,
     best_err, best_r = None, None
     for r in ratios:
         qp = compute_qparams(w, spec, amax=amax_hi * r, amin=None if amin0 is None else amin0 * r, global_amax=gmax * r)
-        d = dequantize_blocks(quantize_blocks(w, spec, qp), spec, qp, w.shape) - w
+        d = quant_dequant(w, spec, qp) - w
         db = to_blocks(d, spec.block_size)
         if block_grams is not None:
             err = torch.einsum("ogk,gkl,ogl->og", db, block_grams, db).unsqueeze(-1)  # [out, n_blocks, 1]
@@ -129,7 +129,7 @@ def search_clip(w: torch.Tensor, spec: QuantSpec, x: torch.Tensor | None = None,
     g = gram.float()
 
     def row_err(qp: QParams) -> torch.Tensor:
-        d = dequantize_blocks(quantize_blocks(w, spec, qp), spec, qp, w.shape) - w
+        d = quant_dequant(w, spec, qp) - w
         return ((d @ g) * d).sum(-1)
 
     keep = (row_err(best) <= row_err(plain))[:, None, None]
