@@ -14,7 +14,7 @@ from leanlm.quant.kv import KVQuantizer
 from leanlm.quant.linear import QuantLinear
 from leanlm.quant.sequential import capture_inputs, decoder_layers
 from leanlm.quant.smoothing import awq_scale, smoothquant_scale, smoothquant_search
-from tiny import tiny_llama
+from tiny import tiny_gemma3, tiny_llama
 
 INT4_G32 = QuantSpec("int4", block_size=32)
 INT8_ROW = QuantSpec("int8", block_size=-1)
@@ -218,17 +218,16 @@ def test_non_sequential_calibration_takes_ranges_from_the_statistics_pass(range_
     ranged = range_passes
     seq, fast = tiny_llama(layers=2), tiny_llama(layers=2)
     quantize(seq, "int8_sq", calib=calib, progress=False)
-    assert len(ranged) == 2  # sequential: a range pass per layer
     quantize(fast, {"name": "sq_fast", "rules": [{"pattern": "*", "weight": {"format": "int8", "block_size": -1},
                                                   "input": {"format": "int8", "block_size": 0}}],
                     "algorithm": "smoothquant", "options": {"sequential": False}}, calib=calib, progress=False)
-    assert len(ranged) == 2  # not sequential: no range pass at all
+    assert ranged == []  # max ranges come straight from the statistics, in both modes
     first = dict(seq.model.layers[0].named_modules()), dict(fast.model.layers[0].named_modules())
-    for name in ("self_attn.q_proj", "mlp.gate_proj"):  # the same statistics pass
-        torch.testing.assert_close(first[1][name].smooth, first[0][name].smooth)
-    q = "self_attn.q_proj"  # its input does not depend on this layer's quantized weights: the same range
+    q = "self_attn.q_proj"  # the layer's first input: the same in both modes
+    torch.testing.assert_close(first[1][q].smooth, first[0][q].smooth)
     torch.testing.assert_close(first[1][q].input_amax, first[0][q].input_amax)
-    # The next layer's statistics come from float activations, not the quantized model's.
+    # Sequential: o_proj sees the quantized q/k/v's outputs; not sequential: the float layer's.
+    assert not torch.equal(first[0]["self_attn.o_proj"].smooth, first[1]["self_attn.o_proj"].smooth)
     assert not torch.equal(seq.model.layers[1].self_attn.q_proj.smooth, fast.model.layers[1].self_attn.q_proj.smooth)
     with torch.no_grad():
         ref, a, b = tiny_llama(layers=2)(calib).logits, seq(calib).logits, fast(calib).logits
@@ -236,9 +235,82 @@ def test_non_sequential_calibration_takes_ranges_from_the_statistics_pass(range_
     quantize(tiny_llama(layers=2), {"name": "kv", "rules": [{"pattern": "*", "input": {"format": "int8", "block_size": 0}}],
                                     "algorithm": "smoothquant", "kv_cache": "fp8", "options": {"sequential": False}},
              calib=calib, progress=False)
-    assert len(ranged) == 4  # a KV cache's ranges still need the pass
+    assert len(ranged) == 2  # a KV cache's ranges still need the pass
     with pytest.raises(leanlm.LeanLMError, match="sequential"):
         quantize(tiny_llama(), {"name": "x", "rules": [{"pattern": "*", "weight": "int8"}], "options": {"sequential": "no"}})
+
+
+def _static_input_maxima(model, calib) -> dict[str, torch.Tensor]:
+    """max |x / smooth| at every static-input QuantLinear over a forward of `model` on `calib`."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(mod, args):
+            x = args[0] if mod.smooth is None else args[0] / mod.smooth
+            seen[name] = torch.maximum(seen.get(name, torch.tensor(0.0)), x.abs().amax())
+        return fn
+
+    for n, m in model.named_modules():
+        if isinstance(m, QuantLinear) and m.input_spec is not None and not m.input_spec.dynamic:
+            m.register_forward_pre_hook(hook(n))
+    with torch.no_grad():
+        for i in range(0, len(calib), 8):
+            model(calib[i:i + 8], use_cache=False)
+    return seen
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
+def test_sequential_calibration_sees_the_quantized_model_group_by_group(make):
+    """Each group of linears is calibrated on the quantized groups before it, in the layer too: every
+    static input range equals the maximum the finished quantized model feeds that linear."""
+    calib = torch.randint(0, 256, (16, 24), generator=torch.Generator().manual_seed(5))
+    model = make(layers=2)
+    quantize(model, "int8_sq", calib=calib, progress=False)
+    seen = _static_input_maxima(model, calib)
+    assert len(seen) == 14
+    for n, m in model.named_modules():
+        if n in seen:
+            torch.testing.assert_close(m.input_amax.reshape(()), seen[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_sequential_calibration_runs_each_part_of_a_layer_once_per_batch(monkeypatch):
+    """Replaying finished modules' outputs: every projection's matrix product and the attention run
+    once per calibration batch (plus a one-sequence probe), not once per stage."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    calib = torch.randint(0, 256, (16, 24), generator=torch.Generator().manual_seed(5))
+    model = tiny_llama(layers=2)
+    products, attention = [], []
+    real_linear, real_sdpa = torch.nn.functional.linear, sdpa.sdpa_attention_forward
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, *a: products.append(x.shape[0]) or real_linear(x, *a))
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", lambda m, q, *a, **k: attention.append(q.shape[0]) or
+                        real_sdpa(m, q, *a, **k))
+    quantize(model, {"name": "w8a8", "rules": [{"pattern": "*", "weight": {"format": "int8", "block_size": -1},
+                                                "input": {"format": "int8", "block_size": 0}}],
+                     "algorithm": "smoothquant", "options": {"alpha": 0.5}}, calib=calib, progress=False)
+    batches = 2 * 2  # calibration batches of 8, two layers
+    assert sorted(attention) == [8] * batches  # the probe (batch 1) runs plain SDPA, outside the replay
+    assert products.count(8) == 7 * batches and products.count(1) == 7 * 2
+
+
+def test_replayed_call_is_recomputed_after_an_in_place_change():
+    from leanlm.quant.staged import CallCache, _Budget
+
+    cache, calls = CallCache(_Budget()), []
+    compute = lambda: calls.append(1) or torch.ones(3)  # noqa: E731
+    first = cache(compute)
+    cache.calls = 0
+    assert cache(compute) is first and len(calls) == 1
+    first.add_(1)  # a consumer changed the replayed tensor
+    cache.calls = 0
+    assert torch.equal(cache(compute), torch.ones(3)) and len(calls) == 2
+
+
+def test_sequential_calibration_refuses_a_linear_that_never_runs():
+    model = tiny_llama(layers=1)
+    model.model.layers[0].mlp.unused = torch.nn.Linear(64, 64)
+    with pytest.raises(leanlm.LeanLMError, match="mlp.unused.*never runs"):
+        quantize(model, "int8_sq", calib=torch.randint(0, 256, (8, 16)), progress=False)
 
 
 def test_non_sequential_rtn_calibration_feeds_float_activations(range_passes):

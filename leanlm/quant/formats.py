@@ -289,6 +289,8 @@ class _FakeQuantSTE(torch.autograd.Function):
 def fake_quantize(x: torch.Tensor, spec: QuantSpec, qp: QParams | None = None) -> torch.Tensor:
     """Quantize-dequantize with straight-through gradients (for calibration-free forward and QAT)."""
     qp = qp or compute_qparams(x, spec)
+    if not (torch.is_grad_enabled() and x.requires_grad):  # no backward: skip the clipping mask
+        return quant_dequant(x, spec, qp)
     return _FakeQuantSTE.apply(x, spec, qp)
 
 

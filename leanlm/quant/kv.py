@@ -57,12 +57,18 @@ def _kv_sdpa(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     kvq = getattr(module, "leanlm_kv", None)
-    if kvq is not None:
-        key, value = kvq(key, value)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    def attend():
+        k, v = (key, value) if kvq is None else kvq(key, value)
+        return sdpa_attention_forward(module, query, k, v, attention_mask, **kwargs)
+
+    replay = getattr(module, "leanlm_attn_cache", None)  # set while a layer is calibrated in stages
+    if replay is None:
+        return attend()
+    return replay(attend, stop_after=kvq is not None and kvq.observers is not None)
 
 
-def _register() -> None:
+def register_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -76,7 +82,7 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def attach_kv_quantizers(model: nn.Module, spec: QuantSpec) -> dict[str, KVQuantizer]:
-    _register()
+    register_attention()
     found = {}
     for name, attn in attention_modules(model).items():
         attn.leanlm_kv = KVQuantizer(spec)

@@ -3,7 +3,8 @@ then static activation and KV ranges, then freezing the weights into codes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -14,22 +15,44 @@ from .kv import KVQuantizer
 from .linear import QuantLinear
 from .recipes import Recipe
 from .sequential import bypassed, layer_output
+from .staged import LayerStages
 from .smoothing import awq_scale, smoothquant_scale, smoothquant_search
 
 
-@dataclass
 class InputStats:
-    """What the algorithms need to know about one linear layer's float inputs."""
+    """What the algorithms need to know about one linear layer's inputs, accumulated call by call:
+    per-channel max and mean of |x|, optionally sum(x^T x) and `sample_per_call` random rows per call."""
 
-    absmax: torch.Tensor | None = None
-    abssum: torch.Tensor | None = None
-    tokens: int = 0
-    hessian: torch.Tensor | None = None  # sum of x^T x
-    sample: list[torch.Tensor] = field(default_factory=list)  # random input rows
+    def __init__(self, hessian: bool = False, sample_per_call: int = 0):
+        self.absmax: torch.Tensor | None = None
+        self.abssum: torch.Tensor | None = None
+        self.tokens = 0
+        self.hessian: torch.Tensor | None = None
+        self.sample: list[torch.Tensor] = []
+        self._want_hessian, self._per_call = hessian, sample_per_call
+        self._gen = torch.Generator().manual_seed(0)
 
     @property
     def absmean(self) -> torch.Tensor:
         return self.abssum / max(self.tokens, 1)
+
+    def add(self, x: torch.Tensor, xtx: torch.Tensor | None = None) -> None:
+        """One call's inputs; `xtx` is their x^T x when the caller already has it (shared inputs)."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        a = x.abs()
+        self.absmax = a.amax(0) if self.absmax is None else torch.maximum(self.absmax, a.amax(0))
+        self.abssum = a.sum(0) if self.abssum is None else self.abssum + a.sum(0)
+        self.tokens += x.shape[0]
+        if self._want_hessian:
+            xtx = x.T @ x if xtx is None else xtx
+            self.hessian = xtx.clone() if self.hessian is None else self.hessian + xtx
+        if self._per_call:
+            idx = torch.randint(0, x.shape[0], (min(self._per_call, x.shape[0]),), generator=self._gen)
+            self.sample.append(x[idx])
+
+
+def _sample_per_call(sample_tokens: int, calls: int) -> int:
+    return max(1, sample_tokens // max(calls, 1)) if sample_tokens else 0
 
 
 @torch.no_grad()
@@ -38,29 +61,21 @@ def collect_input_stats(layer: nn.Module, linears: dict[str, QuantLinear], hidde
                         keep_outputs: bool = False) -> tuple[dict[str, InputStats], list[torch.Tensor] | None]:
     """Input statistics of every linear layer over one float pass of `layer`, and (with
     `keep_outputs`) the layer's float outputs."""
-    stats = {n: InputStats() for n in linears}
+    per_call = _sample_per_call(sample_tokens, len(hidden))
+    stats = {n: InputStats(hessian, per_call) for n in linears}
     # q/k/v (and gate/up) share one input tensor: one x^T x for all. Entries hold the tensor itself, so
     # its address cannot be reused by another activation while the entry lives.
     shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    gen = torch.Generator().manual_seed(0)
-    per_call = max(1, sample_tokens // max(len(hidden), 1))
 
     def hook(name):
         def fn(mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            st = stats[name]
-            a = x.abs()
-            st.absmax = a.amax(0) if st.absmax is None else torch.maximum(st.absmax, a.amax(0))
-            st.abssum = a.sum(0) if st.abssum is None else st.abssum + a.sum(0)
-            st.tokens += x.shape[0]
+            xtx = None
             if hessian:
                 if id(args[0]) not in shared:
+                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                     shared[id(args[0])] = (args[0], x.T @ x)
                 xtx = shared[id(args[0])][1]
-                st.hessian = xtx.clone() if st.hessian is None else st.hessian + xtx
-            if sample_tokens:
-                idx = torch.randint(0, x.shape[0], (min(per_call, x.shape[0]),), generator=gen)
-                st.sample.append(x[idx])
+            stats[name].add(args[0], xtx)
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
@@ -111,41 +126,75 @@ def _needs_sample(recipe: Recipe) -> bool:
     return "smoothquant" in recipe.algorithm and recipe.options["alpha"] == "search"
 
 
-@torch.no_grad()
-def calibrate_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict,
-                    recipe: Recipe, freeze: bool = True) -> list[torch.Tensor] | None:
-    """Calibrate every quantizer inside one decoder layer and freeze its weights (or, with `freeze`
-    off, leave them float and fake-quantized for QAT). Returns the layer's outputs for the next layer:
-    its float outputs when the recipe is not sequential, else those of the range pass when there was
-    one (see `calibrate_ranges`), else None."""
-    linears = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
-    kvqs = [m for m in layer.modules() if isinstance(m, KVQuantizer)]
+def _calibrate_linears(linears: dict[str, QuantLinear], stats: dict[str, InputStats], recipe: Recipe,
+                       freeze: bool) -> None:
+    """The recipe's algorithms on each linear layer from its input statistics, then MSE weight
+    clipping where asked, then (with `freeze`) the weights frozen into codes."""
     opts = recipe.options
-    data_algos = [a for a in recipe.algorithm if a != "rtn"]
-    maxima, float_outputs = None, None
-    # Not sequential: the float pass also hands the next layer its input, so it runs for RTN recipes too.
-    if (data_algos or not opts["sequential"]) and linears:
-        stats, float_outputs = collect_input_stats(
-            layer, linears, hidden, kwargs, hessian=bool({"gptq", "awq"} & set(data_algos)),
-            sample_tokens=opts["sample_tokens"] if _needs_sample(recipe) else 0, keep_outputs=not opts["sequential"])
-        for algo in data_algos:
+    for algo in recipe.algorithm:
+        if algo != "rtn":
             for n, q in linears.items():
                 _apply_algorithm(algo, q, stats[n], opts)
-        maxima = {n: st.absmax for n, st in stats.items()}
-        del stats  # Hessians and samples: not needed past here
     if opts["weight_calibration"] == "mse":
         for q in linears.values():
             if q.weight_spec is not None and q.weight_qp is None:
                 q.weight_qp = search_clip(q.weight, q.weight_spec)
-    if freeze:  # the weights are final: the range pass runs on their cached dequantization
+    if freeze:  # the weights are final: later passes run on their cached dequantization
         for q in linears.values():
             q.freeze()
-    if float_outputs is not None and not kvqs and opts["act_calibration"] == "max" \
-            and ranges_from_maxima(linears, maxima):
-        return float_outputs
+
+
+@torch.no_grad()
+def calibrate_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict,
+                    recipe: Recipe, freeze: bool = True) -> list[torch.Tensor] | None:
+    """Calibrate every quantizer inside one decoder layer and freeze its weights (or, with `freeze`
+    off, leave them float and fake-quantized for QAT). Returns the layer's outputs for the next
+    layer: those of the quantized layer when the recipe is sequential, else its float outputs."""
+    if recipe.options["sequential"]:
+        return _calibrate_in_stages(layer, hidden, kwargs, recipe, freeze)
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
+    kvqs = [m for m in layer.modules() if isinstance(m, KVQuantizer)]
+    opts = recipe.options
+    float_outputs = None
+    if linears:  # one float pass: statistics, and the next layer's inputs
+        stats, float_outputs = collect_input_stats(
+            layer, linears, hidden, kwargs, hessian=_needs_hessian(recipe),
+            sample_tokens=opts["sample_tokens"] if _needs_sample(recipe) else 0, keep_outputs=True)
+        _calibrate_linears(linears, stats, recipe, freeze)
+        maxima = {n: st.absmax for n, st in stats.items()}
+        del stats  # Hessians and samples: not needed past here
+        if not kvqs and opts["act_calibration"] == "max" and ranges_from_maxima(linears, maxima):
+            return float_outputs
     outputs = calibrate_ranges(layer, linears.values(), kvqs, hidden, kwargs, opts["act_calibration"],
                                opts["percentile"])
-    return outputs if float_outputs is None else float_outputs  # not sequential: the next layer reads float
+    return outputs if float_outputs is None else float_outputs  # the next layer reads float
+
+
+def _needs_hessian(recipe: Recipe) -> bool:
+    return bool({"gptq", "awq"} & set(recipe.algorithm))
+
+
+@torch.no_grad()
+def _calibrate_in_stages(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict, recipe: Recipe,
+                         freeze: bool) -> list[torch.Tensor]:
+    """Sequential calibration inside the layer too: each group of linear layers sharing an input
+    (q/k/v, o, gate/up, down) is calibrated on the outputs of the groups before it, already
+    quantized (see `staged`)."""
+    opts = recipe.options
+    method = opts["act_calibration"]
+    per_call = _sample_per_call(opts["sample_tokens"] if _needs_sample(recipe) else 0, len(hidden))
+    with LayerStages(layer, hidden, kwargs, kv_method="max" if method == "percentile" else method) as stages:
+        for group in stages.groups:
+            st = stages.input_stats(group, lambda: InputStats(_needs_hessian(recipe), per_call))
+            linears = {n: stages.linears[n] for n in group}
+            _calibrate_linears(linears, {n: st for n in group}, recipe, freeze)
+            if not (method == "max" and ranges_from_maxima(linears, {n: st.absmax for n in group})):
+                with observing(linears.values(), method, opts["percentile"]) as observed:
+                    if observed:
+                        stages.run_through(group)
+            del st
+            stages.finish(group)
+        return stages.outputs()
 
 
 def ranges_from_maxima(linears: dict[str, QuantLinear], maxima: dict[str, torch.Tensor]) -> bool:
@@ -163,32 +212,40 @@ def ranges_from_maxima(linears: dict[str, QuantLinear], maxima: dict[str, torch.
     return True
 
 
-def calibrate_ranges(layer, linears, kvqs, hidden, kwargs, method: str,
-                     percentile: float) -> list[torch.Tensor] | None:
-    """Static activation and KV ranges, observed with this layer's weights already quantized.
-
-    The observing pass also yields the layer's outputs (quantized weights, activations still float),
-    which feed the next layer: one pass instead of two, as the ranges are not known until it ends.
-    Returns None when nothing needed observing.
-    """
+@contextlib.contextmanager
+def observing(linears, method: str, percentile: float) -> Iterator[bool]:
+    """Range observers on the static input/output quantizers of `linears` while inside (yields
+    whether there are any); on a clean exit their ranges become the quantizers' static ranges."""
     static = [q for q in linears
               if any(s is not None and not s.dynamic for s in (q.input_spec, q.output_spec))]
-    if not static and not kvqs:
-        return None
+    observers = {}
     for q in static:
-        q.observers = {k: RangeObserver(s, method, percentile) for k, s in
-                       (("input", q.input_spec), ("output", q.output_spec)) if s is not None and not s.dynamic}
-    for kv in kvqs:
-        kv.start_calibration(method if method != "percentile" else "max")
-    observers = {id(q): q.observers for q in static}
+        q.observers = observers[id(q)] = {k: RangeObserver(s, method, percentile) for k, s in
+                                          (("input", q.input_spec), ("output", q.output_spec))
+                                          if s is not None and not s.dynamic}
     try:
-        outputs = [layer_output(layer, h, kwargs) for h in hidden]
+        yield bool(static)
     finally:
         for q in static:
             q.observers = None
     for q in static:
         for k, o in observers[id(q)].items():
             setattr(q, f"{k}_amax", o.amax())
+
+
+def calibrate_ranges(layer, linears, kvqs, hidden, kwargs, method: str,
+                     percentile: float) -> list[torch.Tensor] | None:
+    """Static activation and KV ranges, observed with this layer's weights already quantized.
+
+    The observing pass also yields the layer's outputs (quantized weights, activations still float).
+    Returns None when nothing needed observing.
+    """
+    with observing(linears, method, percentile) as observed:
+        if not observed and not kvqs:
+            return None
+        for kv in kvqs:
+            kv.start_calibration(method if method != "percentile" else "max")
+        outputs = [layer_output(layer, h, kwargs) for h in hidden]
     for kv in kvqs:
         kv.finish_calibration()
     return outputs

@@ -48,6 +48,27 @@ class _Stop(Exception):
     pass
 
 
+class _PassThrough(nn.Module):
+    """Stands in for a decoder layer while the first layer's inputs are captured."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextlib.contextmanager
+def passing_through(layers: nn.ModuleList) -> Iterator[None]:
+    """Every decoder layer replaced by one that returns its input: capturing every layer's call
+    arguments then costs no layer computation."""
+    real = list(layers)
+    for i in range(len(layers)):
+        layers[i] = _PassThrough()
+    try:
+        yield
+    finally:
+        for i, layer in enumerate(real):
+            layers[i] = layer
+
+
 @dataclass
 class LayerInputs:
     hidden: list[torch.Tensor]  # one tensor [batch, seq, hidden] per forward_loop call
@@ -110,7 +131,7 @@ def run_layerwise(model: nn.Module, forward_loop: Callable[[nn.Module], None],
 
     layers = decoder_layers(model)
     quantizers = [m for m in model.modules() if isinstance(m, (QuantLinear, KVQuantizer))]
-    with bypassed(quantizers):
+    with bypassed(quantizers), passing_through(layers):
         inputs = capture_inputs(model, layers, forward_loop)
     hidden = inputs.hidden
     for i, layer in enumerate(tqdm(layers, desc=desc, disable=not progress, unit="layer")):

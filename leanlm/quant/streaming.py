@@ -15,7 +15,6 @@ the per-layer files, the same folder `leanlm.save` writes after `quantize` (tens
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import hashlib
 import json
@@ -41,18 +40,11 @@ from .embedding import tie_quantized_embedding
 from .kv import KVQuantizer
 from .linear import QuantLinear
 from .recipes import Recipe, get_recipe
-from .sequential import bypassed, capture_inputs, decoder_layers, layer_output
+from .sequential import bypassed, capture_inputs, decoder_layers, layer_output, passing_through
 
 log = logging.getLogger(__name__)
 
 PROGRESS = "progress.json"
-
-
-class _PassThrough(nn.Module):
-    """Stands in for a decoder layer while the first layer's inputs are captured."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
 
 
 class WeightFiles:
@@ -140,18 +132,6 @@ def _fingerprint(files: WeightFiles, config, recipe, hidden: list[torch.Tensor])
     for t in hidden:
         h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:20]
-
-
-@contextlib.contextmanager
-def _pass_through(layers: nn.ModuleList):
-    real = list(layers)
-    for i in range(len(layers)):
-        layers[i] = _PassThrough()
-    try:
-        yield
-    finally:
-        for i, layer in enumerate(real):
-            layers[i] = layer
 
 
 def quantize_streaming(model_dir, recipe, calib=None, out=None, work=None, overwrite: bool = False,
@@ -249,7 +229,7 @@ def _start(run: _Run, model: nn.Module, layers: nn.ModuleList, config, calib) ->
         return None, start
     loop = calib if callable(calib) else forward_loop_from_batches(calib)
     quantizers = [m for m in model.modules() if isinstance(m, (QuantLinear, KVQuantizer))]
-    with torch.no_grad(), _pass_through(layers), bypassed(quantizers):
+    with torch.no_grad(), passing_through(layers), bypassed(quantizers):
         captured = capture_inputs(model, layers, loop)
     run.kwargs = captured.kwargs
     run.fingerprint = _fingerprint(run.files, config, run.recipe, captured.hidden)
@@ -302,7 +282,7 @@ def _load_outside(model: nn.Module, layers: nn.ModuleList, files: WeightFiles, d
         out_emb = model.get_output_embeddings()
         if out_emb is not None:  # the meta build does not keep the tie; the files hold one copy
             out_emb.weight = model.get_input_embeddings().weight
-    with _pass_through(layers):
+    with passing_through(layers):
         _load_into(model, "", files, dtype)
 
 
@@ -311,7 +291,7 @@ def _save_without_layers(model: nn.Module, layers: nn.ModuleList, path: Path) ->
     from safetensors.torch import save_model
 
     tmp = path.with_name(path.name + ".tmp")
-    with _pass_through(layers):
+    with passing_through(layers):
         save_model(model, str(tmp))
     tmp.replace(path)
 
