@@ -128,9 +128,12 @@ def e2m1_from_codes(codes: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return torch.where((codes >> 3) & 1 == 1, -vals, vals)
 
 
-def round_to_format(x: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
-    """Round scaled values onto the format's representable grid (float32 in, float32 out)."""
+def round_to_format(x: torch.Tensor, fmt: ElementFormat, inplace: bool = False) -> torch.Tensor:
+    """Round scaled values onto the format's representable grid (float32 in, float32 out).
+    With `inplace`, integer formats overwrite `x` (a temporary: one allocation fewer per step)."""
     if fmt.kind == "int":
+        if inplace:
+            return x.round_().clamp_(-fmt.max - 1, fmt.max)
         return torch.round(x).clamp(-fmt.max - 1, fmt.max)
     if fmt.name == "fp4_e2m1":
         return round_e2m1(x)
@@ -245,9 +248,9 @@ def quantize_blocks(x: torch.Tensor, spec: QuantSpec, qp: QParams) -> torch.Tens
     xb = to_blocks(x.float(), spec.block_size)
     s = effective_scale(qp)
     if spec.symmetric:
-        return round_to_format(xb / s, spec.element)
+        return round_to_format(xb / s, spec.element, inplace=True)
     qmax = 2**spec.element.bits - 1
-    return torch.round(xb / s + qp.zero).clamp(0, qmax)
+    return (xb / s).add_(qp.zero).round_().clamp_(0, qmax)
 
 
 def dequantize_blocks(q: torch.Tensor, spec: QuantSpec, qp: QParams, shape: torch.Size) -> torch.Tensor:
@@ -259,7 +262,10 @@ def dequantize_blocks(q: torch.Tensor, spec: QuantSpec, qp: QParams, shape: torc
 def quant_dequant(x: torch.Tensor, spec: QuantSpec, qp: QParams | None = None) -> torch.Tensor:
     """Round trip through the format (no gradient semantics; see `fake_quantize`)."""
     qp = qp or compute_qparams(x, spec)
-    return dequantize_blocks(quantize_blocks(x, spec, qp), spec, qp, x.shape).to(x.dtype)
+    q = quantize_blocks(x, spec, qp)  # a fresh tensor: dequantized in place
+    s = effective_scale(qp)
+    xb = q.mul_(s) if spec.symmetric else q.sub_(qp.zero).mul_(s)
+    return from_blocks(xb, x.shape).to(x.dtype)
 
 
 class _FakeQuantSTE(torch.autograd.Function):
