@@ -293,6 +293,26 @@ def test_sequential_calibration_runs_each_part_of_a_layer_once_per_batch(monkeyp
     assert products.count(8) == 7 * batches and products.count(1) == 7 * 2
 
 
+def test_staged_option_decides_whether_a_layer_is_calibrated_in_stages(monkeypatch):
+    """auto: in stages where the layer quantizes activations, else from one float pass of the layer."""
+    import leanlm.quant.ptq as ptq
+    from leanlm.quant.recipes import get_recipe
+
+    staged, real = [], ptq.LayerStages
+    monkeypatch.setattr(ptq, "LayerStages", lambda *a, **k: staged.append(1) or real(*a, **k))
+    calib = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(2))
+    quantize(tiny_llama(layers=2), "w4a16_gptq", calib=calib, progress=False)
+    assert staged == []
+    quantize(tiny_llama(layers=2), "int8_sq", calib=calib, progress=False)
+    assert len(staged) == 2
+    forced = get_recipe("w4a16_gptq").to_dict()
+    forced["options"]["staged"] = True
+    quantize(tiny_llama(layers=2), forced, calib=calib, progress=False)
+    assert len(staged) == 4
+    with pytest.raises(leanlm.LeanLMError, match="staged"):
+        quantize(tiny_llama(), {"name": "x", "rules": [{"pattern": "*", "weight": "int8"}], "options": {"staged": "yes"}})
+
+
 def test_replayed_call_is_recomputed_after_an_in_place_change():
     from leanlm.quant.staged import CallCache, _Budget
 

@@ -149,25 +149,35 @@ def calibrate_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict,
                     recipe: Recipe, freeze: bool = True) -> list[torch.Tensor] | None:
     """Calibrate every quantizer inside one decoder layer and freeze its weights (or, with `freeze`
     off, leave them float and fake-quantized for QAT). Returns the layer's outputs for the next
-    layer: those of the quantized layer when the recipe is sequential, else its float outputs."""
-    if recipe.options["sequential"]:
-        return _calibrate_in_stages(layer, hidden, kwargs, recipe, freeze)
+    layer: its float outputs when the recipe is not sequential, else those of the quantized layer
+    when a pass computed them, else None (the caller runs the quantized layer)."""
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
-    kvqs = [m for m in layer.modules() if isinstance(m, KVQuantizer)]
     opts = recipe.options
-    float_outputs = None
-    if linears:  # one float pass: statistics, and the next layer's inputs
+    if opts["sequential"] and _staged(opts["staged"], linears.values()):
+        return _calibrate_in_stages(layer, hidden, kwargs, recipe, freeze)
+    kvqs = [m for m in layer.modules() if isinstance(m, KVQuantizer)]
+    stats, float_outputs = {}, None
+    # One float pass for the statistics; not sequential, it also hands the next layer its input.
+    if linears and ([a for a in recipe.algorithm if a != "rtn"] or not opts["sequential"]):
         stats, float_outputs = collect_input_stats(
             layer, linears, hidden, kwargs, hessian=_needs_hessian(recipe),
-            sample_tokens=opts["sample_tokens"] if _needs_sample(recipe) else 0, keep_outputs=True)
-        _calibrate_linears(linears, stats, recipe, freeze)
-        maxima = {n: st.absmax for n, st in stats.items()}
-        del stats  # Hessians and samples: not needed past here
-        if not kvqs and opts["act_calibration"] == "max" and ranges_from_maxima(linears, maxima):
-            return float_outputs
+            sample_tokens=opts["sample_tokens"] if _needs_sample(recipe) else 0,
+            keep_outputs=not opts["sequential"])
+    _calibrate_linears(linears, stats, recipe, freeze)
+    maxima = {n: st.absmax for n, st in stats.items()}
+    del stats  # Hessians and samples: not needed past here
+    if float_outputs is not None and not kvqs and opts["act_calibration"] == "max" \
+            and ranges_from_maxima(linears, maxima):
+        return float_outputs
     outputs = calibrate_ranges(layer, linears.values(), kvqs, hidden, kwargs, opts["act_calibration"],
                                opts["percentile"])
-    return outputs if float_outputs is None else float_outputs  # the next layer reads float
+    return outputs if float_outputs is None else float_outputs  # not sequential: the next layer reads float
+
+
+def _staged(option, linears) -> bool:
+    if option == "auto":
+        return any(q.input_spec is not None for q in linears)
+    return option
 
 
 def _needs_hessian(recipe: Recipe) -> bool:

@@ -166,7 +166,7 @@ class LayerStages:
 
             if repeated:
                 raise LeanLMError(f"linear layer '{repeated[0]}' runs more than once per forward of its decoder layer, "
-                                  "which sequential calibration cannot stage: set option sequential: false")
+                                  "which staged calibration cannot handle: set option staged: false")
             raise LeanLMError(f"linear layer '{unreached[0]}' never runs in its decoder layer's forward, so it cannot "
                               "be calibrated: exclude it in the recipe (exclude: [...])")
         groups: list[list[str]] = []
