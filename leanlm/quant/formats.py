@@ -253,9 +253,14 @@ def quantize_blocks(x: torch.Tensor, spec: QuantSpec, qp: QParams) -> torch.Tens
     return (xb / s).add_(qp.zero).round_().clamp_(0, qmax)
 
 
-def dequantize_blocks(q: torch.Tensor, spec: QuantSpec, qp: QParams, shape: torch.Size) -> torch.Tensor:
+def dequantize_blocks(q: torch.Tensor, spec: QuantSpec, qp: QParams, shape: torch.Size,
+                      inplace: bool = False) -> torch.Tensor:
+    """Values back from the grid; with `inplace`, into `q` (a temporary: no new allocation)."""
     s = effective_scale(qp)
-    xb = q * s if spec.symmetric else (q - qp.zero) * s
+    if inplace:
+        xb = q.mul_(s) if spec.symmetric else q.sub_(qp.zero).mul_(s)
+    else:
+        xb = q * s if spec.symmetric else (q - qp.zero) * s
     return from_blocks(xb, shape)
 
 
@@ -263,9 +268,7 @@ def quant_dequant(x: torch.Tensor, spec: QuantSpec, qp: QParams | None = None) -
     """Round trip through the format (no gradient semantics; see `fake_quantize`)."""
     qp = qp or compute_qparams(x, spec)
     q = quantize_blocks(x, spec, qp)  # a fresh tensor: dequantized in place
-    s = effective_scale(qp)
-    xb = q.mul_(s) if spec.symmetric else q.sub_(qp.zero).mul_(s)
-    return from_blocks(xb, x.shape).to(x.dtype)
+    return dequantize_blocks(q, spec, qp, x.shape, inplace=True).to(x.dtype)
 
 
 class _FakeQuantSTE(torch.autograd.Function):

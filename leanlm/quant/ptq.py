@@ -180,6 +180,11 @@ def _staged(option, linears) -> bool:
     return option
 
 
+def _kv_method(method: str) -> str:
+    """The KV cache's range method: max where activations go by percentile (its observers take no percentile)."""
+    return "max" if method == "percentile" else method
+
+
 def _needs_hessian(recipe: Recipe) -> bool:
     return bool({"gptq", "awq"} & set(recipe.algorithm))
 
@@ -193,7 +198,7 @@ def _calibrate_in_stages(layer: nn.Module, hidden: list[torch.Tensor], kwargs: d
     opts = recipe.options
     method = opts["act_calibration"]
     per_call = _sample_per_call(opts["sample_tokens"] if _needs_sample(recipe) else 0, len(hidden))
-    with LayerStages(layer, hidden, kwargs, kv_method="max" if method == "percentile" else method) as stages:
+    with LayerStages(layer, hidden, kwargs, kv_method=_kv_method(method)) as stages:
         for group in stages.groups:
             st = stages.input_stats(group, lambda: InputStats(_needs_hessian(recipe), per_call))
             linears = {n: stages.linears[n] for n in group}
@@ -254,7 +259,7 @@ def calibrate_ranges(layer, linears, kvqs, hidden, kwargs, method: str,
         if not observed and not kvqs:
             return None
         for kv in kvqs:
-            kv.start_calibration(method if method != "percentile" else "max")
+            kv.start_calibration(_kv_method(method))
         outputs = [layer_output(layer, h, kwargs) for h in hidden]
     for kv in kvqs:
         kv.finish_calibration()

@@ -16,9 +16,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import LeanLMError
 from .kv import ATTN_NAME, KVQuantizer, attention_modules, register_attention
 from .linear import QuantLinear
-from .sequential import layer_output
+from .sequential import bypassed, layer_output
 
 
 class _Stop(Exception):
@@ -135,8 +136,6 @@ class LayerStages:
     @torch.no_grad()
     def _probe(self) -> list[list[str]]:
         """Linear layers grouped by the input tensor they share, in the order one forward calls them."""
-        from .sequential import bypassed
-
         order: list[tuple[str, int]] = []
         held = []  # inputs stay referenced, so no later tensor can reuse an address
 
@@ -162,8 +161,6 @@ class LayerStages:
         repeated = sorted({n for n in names if names.count(n) > 1})
         unreached = sorted(set(self.linears) - set(names))
         if repeated or unreached:
-            from ..errors import LeanLMError
-
             if repeated:
                 raise LeanLMError(f"linear layer '{repeated[0]}' runs more than once per forward of its decoder layer, "
                                   "which staged calibration cannot handle: set option staged: false")
