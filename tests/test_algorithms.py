@@ -105,6 +105,23 @@ def test_smoothquant_beats_plain_w8a8(outlier_layer):
     assert searched <= smoothed * 1.0001
 
 
+@pytest.mark.parametrize("outliers", [30.0, 3.0, 1.0])
+def test_smoothquant_search_walk_matches_the_whole_grid(outlier_layer, outliers):
+    """The walk down from alpha 1 picks what the whole coarse grid plus its refinement picks."""
+    w, x = outlier_layer
+    x = x.clone()
+    x[:, [3, 40, 77, 100]] *= outliers / 30.0
+    amax = x.abs().amax(0)
+
+    def err(a):
+        s = smoothquant_scale(amax, w, a)
+        return ((quant_dequant(x / s, INT8_TENSOR) @ quant_dequant(w * s, INT8_ROW).T - x @ w.T) ** 2).mean()
+
+    coarse = min((0.0, 0.25, 0.5, 0.75, 1.0), key=err)
+    best = min([a for a in (coarse - 0.125, coarse, coarse + 0.125) if 0 <= a <= 1], key=err)
+    torch.testing.assert_close(smoothquant_search(amax, w, INT8_ROW, INT8_TENSOR, x), smoothquant_scale(amax, w, best))
+
+
 def test_block_fp8_confines_outlier_channels(outlier_layer):
     """fp8_block's activation layout: a block's maximum maps exactly onto E4M3's 448, and with groups along
     the input dim each outlier channel is its group's maximum, so the values that dominate the output
@@ -274,15 +291,17 @@ def test_sequential_calibration_sees_the_quantized_model_group_by_group(make):
 
 
 def test_sequential_calibration_runs_each_part_of_a_layer_once_per_batch(monkeypatch):
-    """Replaying finished modules' outputs: every projection's matrix product and the attention run
-    once per calibration batch (plus a one-sequence probe), not once per stage."""
+    """Replaying finished modules' outputs: every projection's matrix product, the attention and the
+    norms run once per calibration batch (plus a one-sequence probe), not once per stage."""
     import transformers.integrations.sdpa_attention as sdpa
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     calib = torch.randint(0, 256, (16, 24), generator=torch.Generator().manual_seed(5))
     model = tiny_llama(layers=2)
-    products, attention = [], []
-    real_linear, real_sdpa = torch.nn.functional.linear, sdpa.sdpa_attention_forward
+    products, attention, norms = [], [], []
+    real_linear, real_sdpa, real_norm = torch.nn.functional.linear, sdpa.sdpa_attention_forward, LlamaRMSNorm.forward
     monkeypatch.setattr(torch.nn.functional, "linear", lambda x, *a: products.append(x.shape[0]) or real_linear(x, *a))
+    monkeypatch.setattr(LlamaRMSNorm, "forward", lambda m, x: norms.append(x.shape[0]) or real_norm(m, x))
     monkeypatch.setattr(sdpa, "sdpa_attention_forward", lambda m, q, *a, **k: attention.append(q.shape[0]) or
                         real_sdpa(m, q, *a, **k))
     quantize(model, {"name": "w8a8", "rules": [{"pattern": "*", "weight": {"format": "int8", "block_size": -1},
@@ -291,6 +310,7 @@ def test_sequential_calibration_runs_each_part_of_a_layer_once_per_batch(monkeyp
     batches = 2 * 2  # calibration batches of 8, two layers
     assert sorted(attention) == [8] * batches  # the probe (batch 1) runs plain SDPA, outside the replay
     assert products.count(8) == 7 * batches and products.count(1) == 7 * 2
+    assert norms.count(8) == 2 * batches  # input and post-attention norms
 
 
 def test_staged_option_decides_whether_a_layer_is_calibrated_in_stages(monkeypatch):

@@ -21,15 +21,16 @@ from .smoothing import awq_scale, smoothquant_scale, smoothquant_search
 
 class InputStats:
     """What the algorithms need to know about one linear layer's inputs, accumulated call by call:
-    per-channel max and mean of |x|, optionally sum(x^T x) and `sample_per_call` random rows per call."""
+    per-channel max of |x|, optionally its mean (`absmean`), sum(x^T x) and `sample_per_call` random
+    rows per call."""
 
-    def __init__(self, hessian: bool = False, sample_per_call: int = 0):
+    def __init__(self, hessian: bool = False, sample_per_call: int = 0, absmean: bool = True):
         self.absmax: torch.Tensor | None = None
         self.abssum: torch.Tensor | None = None
         self.tokens = 0
         self.hessian: torch.Tensor | None = None
         self.sample: list[torch.Tensor] = []
-        self._want_hessian, self._per_call = hessian, sample_per_call
+        self._want_hessian, self._per_call, self._want_mean = hessian, sample_per_call, absmean
         self._gen = torch.Generator().manual_seed(0)
 
     @property
@@ -41,7 +42,8 @@ class InputStats:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         a = x.abs()
         self.absmax = a.amax(0) if self.absmax is None else torch.maximum(self.absmax, a.amax(0))
-        self.abssum = a.sum(0) if self.abssum is None else self.abssum + a.sum(0)
+        if self._want_mean:
+            self.abssum = a.sum(0) if self.abssum is None else self.abssum + a.sum(0)
         self.tokens += x.shape[0]
         if self._want_hessian:
             xtx = x.T @ x if xtx is None else xtx
@@ -200,7 +202,8 @@ def _calibrate_in_stages(layer: nn.Module, hidden: list[torch.Tensor], kwargs: d
     per_call = _sample_per_call(opts["sample_tokens"] if _needs_sample(recipe) else 0, len(hidden))
     with LayerStages(layer, hidden, kwargs, kv_method=_kv_method(method)) as stages:
         for group in stages.groups:
-            st = stages.input_stats(group, lambda: InputStats(_needs_hessian(recipe), per_call))
+            st = stages.input_stats(group, lambda: InputStats(_needs_hessian(recipe), per_call,
+                                                              absmean="awq" in recipe.algorithm))
             linears = {n: stages.linears[n] for n in group}
             _calibrate_linears(linears, {n: st for n in group}, recipe, freeze)
             if not (method == "max" and ranges_from_maxima(linears, {n: st.absmax for n in group})):

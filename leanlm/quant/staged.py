@@ -3,10 +3,11 @@ order the forward reaches them (q/k/v, then o, then gate/up, then down), each gr
 already went through the quantized groups before it (GPTQ's "true sequential" order).
 
 Each stage runs the layer over all calibration inputs up to the next group still to calibrate.
-Outputs of finished modules (a quantized linear, then a whole attention block) and of the attention
-function are kept and replayed in later stages instead of being recomputed, so the whole layer
-costs about one forward pass over the calibration data instead of two (one for statistics, one for
-the quantized outputs) while every group sees the quantized inputs it will see at inference.
+Outputs of finished modules (a quantized linear, then a whole attention block), of the attention
+function and of the norms before the next group are kept and replayed in later stages instead of
+being recomputed, so the whole layer costs about one forward pass over the calibration data instead
+of two (one for statistics, one for the quantized outputs) while every group sees the quantized
+inputs it will see at inference.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class LayerStages:
         self._forwards: dict[nn.Module, object] = {}  # a module's instance-level forward before wrapping
         self._configs: list = []
         self.done: set[str] = set()
+        self._last_call: dict[nn.Module, int] = {}  # each module's last call, in forward call order
         self.groups = self._probe()
 
     def __enter__(self) -> "LayerStages":
@@ -111,6 +113,7 @@ class LayerStages:
             if getattr(cfg, "_attn_implementation", None) == ATTN_NAME:
                 attn.leanlm_attn_cache = CallCache(self.budget)
                 self.caches.append(attn.leanlm_attn_cache)
+        self._wrap_final()  # the norms before the first group
         return self
 
     def __exit__(self, *exc) -> None:
@@ -138,6 +141,7 @@ class LayerStages:
         """Linear layers grouped by the input tensor they share, in the order one forward calls them."""
         order: list[tuple[str, int]] = []
         held = []  # inputs stay referenced, so no later tensor can reuse an address
+        calls = 0
 
         def hook(name):
             def fn(mod, args):
@@ -145,7 +149,13 @@ class LayerStages:
                 order.append((name, id(args[0])))
             return fn
 
-        handles = [m.register_forward_pre_hook(hook(n)) for n, m in self.linears.items()]
+        def count(mod, args):
+            nonlocal calls
+            self._last_call[mod] = calls
+            calls += 1
+
+        handles = [m.register_forward_pre_hook(count) for m in self.layer.modules() if m is not self.layer]
+        handles += [m.register_forward_pre_hook(hook(n)) for n, m in self.linears.items()]
         h = self.hidden[0]
         try:
             with bypassed(self.linears.values()), bypassed(self.kvqs):
@@ -227,14 +237,24 @@ class LayerStages:
                 handle.remove()
 
     def finish(self, group: list[str]) -> None:
-        """`group` is calibrated: from now on its outputs, and those of every module whose linear
-        layers are all calibrated, are replayed."""
+        """`group` is calibrated: from now on its outputs, those of every module whose linear layers
+        are all calibrated, and those of the norms that run before the next group, are replayed."""
         self.done.update(group)
+        self._wrap_final()
+
+    def _wrap_final(self) -> None:
+        """Replay every module whose outputs are final from here on."""
+        todo = [self._last_call[m] for n, m in self.linears.items() if n not in self.done]
+        first_todo = min(todo, default=float("inf"))
         for mod in self.layer.modules():
-            if mod is self.layer or mod in self._forwards:
+            if mod is self.layer or mod in self._forwards or mod not in self._last_call:
                 continue
             inner = [n for n, m in self.linears.items() if m is mod or _contains(mod, m)]
             if inner and all(n in self.done for n in inner):
+                self._wrap(mod)
+            elif not inner and _is_norm(mod) and self._last_call[mod] < first_todo:
+                # Its every call precedes the linear layers still to calibrate: its inputs, and so its
+                # outputs, are final. Recomputing a norm reads the activations several times; replaying, once.
                 self._wrap(mod)
 
     def outputs(self) -> list[torch.Tensor]:
@@ -270,3 +290,10 @@ def _first_of_batch(kwargs: dict, batch: int):
 
 def _contains(outer: nn.Module, inner: nn.Module) -> bool:
     return any(m is inner for m in outer.modules())
+
+
+def _is_norm(mod: nn.Module) -> bool:
+    """A module with weights of its own and no quantizers inside (a norm): worth replaying. Weightless
+    elementwise modules (activations) cost as much to recompute as to replay."""
+    return (any(True for _ in mod.parameters(recurse=False))
+            and not any(isinstance(m, (QuantLinear, KVQuantizer)) for m in mod.modules()))
