@@ -35,6 +35,8 @@ class InputStats:
 
     @property
     def absmean(self) -> torch.Tensor:
+        if self.abssum is None:
+            raise RuntimeError("the mean of |x| was not collected: create InputStats with absmean=True")
         return self.abssum / max(self.tokens, 1)
 
     def add(self, x: torch.Tensor, xtx: torch.Tensor | None = None) -> None:
