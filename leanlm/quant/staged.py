@@ -163,6 +163,7 @@ class LayerStages:
                     layer_output(self.layer, h[:1], _first_of_batch(self.kwargs, h.shape[0]))
                 except (RuntimeError, ValueError, IndexError):  # some argument is not batch-first
                     order.clear()
+                    self._last_call.clear()
                     layer_output(self.layer, h, self.kwargs)
         finally:
             for hd in handles:
