@@ -5,13 +5,16 @@
     .venv/bin/python bench/qat.py --data news --tokens 57344 --lr 3e-4 \
         --out bench/results/qat_smollm2-135m_news_lr3e-4.json     # out-of-domain training text
     .venv/bin/python bench/qat.py --sft-first --out bench/results/qat_smollm2-135m_sft.json
+    .venv/bin/python bench/qat.py --data generated --float-ft --out bench/results/qat_smollm2-135m_generated.json
     .venv/bin/python bench/qat.py --sft-first --batch-size 2 --micro-batch 2 \
         --out bench/results/qat_smollm2-135m_sft_b2.json          # more, smaller steps (same tokens)
     .venv/bin/python bench/qat.py --sft-first --batch-size 2 --micro-batch 2 --topk 0 \
         --out bench/results/qat_smollm2-135m_sft_b2_live.json     # QAD against the live teacher's full logits
 
-Training text is the wiki calibration split (disjoint from the evaluation split); QAT and QAD see the
-same sequences in the same order. QAD reads the float teacher's top-k log-probs from a cache built
+Training text is the wiki calibration split (disjoint from the evaluation split), or with `--data
+generated` text the float model samples itself from 8-token wiki prompts (no domain adaptation:
+`--float-ft` then checks the float model stays where it was); QAT and QAD see the same sequences in
+the same order. QAD reads the float teacher's top-k log-probs from a cache built
 once (its build time is reported and counted in QAD's time), or with `--topk 0` runs the teacher
 alongside and matches its full distribution. Training on wiki text lowers wiki
 perplexity by itself (domain adaptation): `--float-ft` fine-tunes the float model on the same tokens,
@@ -91,7 +94,9 @@ def main() -> None:
     base, tok = leanlm.load(args.model)
     cfg = TrainConfig(tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
                       micro_batch=args.micro_batch, lr=args.lr, checkpoint_every=10)
-    data = training_sequences(tok, args.data, cfg, model=base)
+    # Text sampled from the model (--data generated) is kept; its file says which model and settings wrote it.
+    data = training_sequences(tok, args.data, cfg, model=base,
+                              cache=WORK / f"{args.model}_{args.data.replace(':', '_')}_text.safetensors")
     ev_ids, ev_bytes = leanlm.eval_tokens(tok, "wiki", args.eval_tokens)
     results = ResultRows(out, settings, ("recipe", "method"), args.fresh, model=args.model, train_config=asdict(cfg))
     rows = results.rows

@@ -220,17 +220,18 @@ def cmd_train_quantized(args) -> None:
     from .models import load
     from .quant.recipes import get_recipe
     from .train import qad, qat, training_sequences
+    from .train.generated import prompt_source
 
     recipe = get_recipe(args.recipe)
     out = _check_out(args)
-    for source in filter(None, (args.data, args.calib, args.eval_tokens and args.eval_data)):
+    for source in filter(None, (prompt_source(args.data) or args.data, args.calib, args.eval_tokens and args.eval_data)):
         documents(source)
     cfg = _train_config(args)
     distill = _distill_config(args) if args.command == "qad" else None
     model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
-    data = training_sequences(tok, args.data, cfg, model=model)
-    calib = _calib(args, tok, model) if args.calib else None
     work = out.with_name(out.name + ".work")
+    data = training_sequences(tok, args.data, cfg, model=model, cache=work / "generated.safetensors")
+    calib = _calib(args, tok, model) if args.calib else None
     kw = dict(calib=calib, config=cfg, learn_scales=args.learn_scales, work=work, eval_data=_held_out(args, tok))
     t = time.perf_counter()
     if args.command == "qat":
@@ -290,7 +291,7 @@ def _finish_training(args, model, tok, out: Path, work: Path, what: str, started
         return
     info = model.leanlm_training
     save(model, tok, out, overwrite=args.overwrite)
-    remove_checkpoint(work)  # done; a teacher top-k cache stays for further runs
+    remove_checkpoint(work)  # done; caches (teacher top-k, generated text) stay for further runs
     print(f"{what}: {info['trained_steps']}/{info['planned_steps']} steps of {args.batch_size} x {args.seq_len} "
           f"tokens, {time.perf_counter() - started:.0f}s -> {out}")
     if args.eval_tokens:
@@ -350,14 +351,15 @@ def cmd_distill(args) -> None:
     from .data import documents
     from .models import load
     from .train import distill, training_sequences
+    from .train.generated import prompt_source
 
     out = _check_out(args)
-    documents(args.data)
+    documents(prompt_source(args.data) or args.data)
     cfg, dcfg = _train_config(args), _distill_config(args)
     student, tok = load(args.model, trust_remote_code=args.trust_remote_code)
     teacher, _ = load(args.teacher, trust_remote_code=args.trust_remote_code)
-    data = training_sequences(tok, args.data, cfg, model=student)
     work = out.with_name(out.name + ".work")
+    data = training_sequences(tok, args.data, cfg, model=teacher, cache=work / "generated.safetensors")
     t = time.perf_counter()
     distill(student, teacher, data, cfg, dcfg, work, eval_data=_held_out(args, tok), train_embeddings=args.train_embeddings)
     _finish_training(args, student, tok, out, work, f"distilled {args.model} from {args.teacher}", t, "distilled")
@@ -480,7 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_export)
 
     def training_args(s, lr: float):
-        s.add_argument("--data", default="wiki", help="training text: wiki, news, pydoc (calibration split) or a file")
+        s.add_argument("--data", default="wiki",
+                       help="training text: wiki, news, pydoc (calibration split), a file, or generated[:SOURCE] "
+                            "(sampled from the float model, prompted by a few tokens of SOURCE, default wiki)")
         s.add_argument("--tokens", type=_positive, default=100_000, help="training tokens (default 100000)")
         s.add_argument("--seq-len", type=_positive, default=256)
         s.add_argument("--batch-size", type=_positive, default=8, help="sequences per step, all processes together")

@@ -275,7 +275,7 @@ def test_cli_qat_and_qad(tmp_path, tiny_model_dir, capsys):
     assert main(["qat", str(tiny_model_dir), "--recipe", "w4a16_rtn_g64", "--out", str(tmp_path / "qat"),
                  "--learn-scales", *common]) == 0
     assert main(["qad", str(tiny_model_dir), "--recipe", "nvfp4", "--out", str(tmp_path / "qad"), "--topk", "8",
-                 *common]) == 0
+                 "--data", "generated:pydoc", *common]) == 0
     out = capsys.readouterr().out
     assert "QAT of" in out and "QAD of" in out
     for name in ("qat", "qad"):
@@ -285,5 +285,52 @@ def test_cli_qat_and_qad(tmp_path, tiny_model_dir, capsys):
         assert any("eval_loss" in h for h in history)
         assert (tmp_path / name / "eval.json").is_file()
     assert not (tmp_path / "qat.work").exists()  # finished: checkpoint gone
-    assert (tmp_path / "qad.work" / "teacher_topk.safetensors").is_file()  # the cache stays for reruns
+    assert (tmp_path / "qad.work" / "teacher_topk.safetensors").is_file()  # the caches stay for reruns
+    assert (tmp_path / "qad.work" / "generated.safetensors").is_file()
     assert main(["qat", str(tiny_model_dir), "--recipe", "nope", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_generated_text_is_sampled_from_the_model(tmp_path, tokenizer):
+    from leanlm.data import calibration_batches
+    from leanlm.train.generated import _sample, generated_sequences
+
+    model = tiny_llama(vocab=49152)
+    cache = tmp_path / "text.safetensors"
+    ids = generated_sequences(model, tokenizer, 6, 24, "pydoc", batch_size=4, cache=cache, progress=False)
+    assert ids.shape == (6, 24) and cache.is_file()
+    assert torch.equal(ids[:, :8], calibration_batches(tokenizer, "pydoc", 6, 8)[:, :8])  # real prompt tokens
+    assert not torch.equal(ids, generated_sequences(model, tokenizer, 6, 24, "pydoc", seed=1, progress=False))
+
+    def refuse(*a, **k):
+        raise AssertionError("the cache should have been read")
+
+    forward, model.forward = model.forward, refuse
+    assert torch.equal(ids, generated_sequences(model, tokenizer, 6, 24, "pydoc", cache=cache, progress=False))
+    model.forward = forward
+    other = tiny_llama(seed=1, vocab=49152)  # other weights: the cache is stale, the text is written anew
+    assert not torch.equal(ids, generated_sequences(other, tokenizer, 6, 24, "pydoc", cache=cache, progress=False))
+
+    # Temperature 0 is the model's greedy continuation, KV cache and all.
+    greedy = generated_sequences(model, tokenizer, 2, 20, "pydoc", temperature=0, progress=False)
+    ref = model.generate(greedy[:, :8], attention_mask=torch.ones_like(greedy[:, :8]), max_new_tokens=12,
+                         do_sample=False, pad_token_id=0)
+    assert torch.equal(greedy, ref)
+
+    # At temperature 1 tokens follow the model's distribution.
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([_sample(logits, 1.0, g) for _ in range(20000)]).flatten()
+    freq = torch.bincount(draws, minlength=5) / len(draws)
+    assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.012)
+
+
+def test_generated_source_names():
+    from leanlm.train import training_sequences
+    from leanlm.train.generated import prompt_source
+
+    assert prompt_source("wiki") is None and prompt_source("notes.txt") is None
+    assert prompt_source("generated") == "wiki" and prompt_source("generated:news") == "news"
+    with pytest.raises(leanlm.LeanLMError, match="name the prompt source"):
+        prompt_source("generated:")
+    with pytest.raises(leanlm.LeanLMError, match="sampled from the float model"):
+        training_sequences(None, "generated", TrainConfig())

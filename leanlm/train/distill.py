@@ -41,11 +41,12 @@ class DistillConfig:
             raise LeanLMError("the hidden-state loss needs live teacher forwards: drop --topk or --hidden-weight")
 
 
-def _fingerprint(teacher: nn.Module, data: torch.Tensor, cfg: DistillConfig) -> str:
+def fingerprint(model: nn.Module, data: torch.Tensor, settings: str) -> str:
+    """A key for outputs of `model` on `data` under `settings`, stored beside them to tell when they are stale."""
     h = hashlib.sha256(data.numpy().tobytes())
-    for p in list(teacher.parameters())[::7]:
+    for p in list(model.parameters())[::7]:
         h.update(f"{p.shape}:{float(p.detach().float().sum()):.6e}".encode())
-    h.update(f"T={cfg.temperature},k={cfg.topk}".encode())
+    h.update(settings.encode())
     return h.hexdigest()[:16]
 
 
@@ -56,7 +57,7 @@ def build_topk_cache(teacher: nn.Module, data: torch.Tensor, cfg: DistillConfig,
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
-    key = _fingerprint(teacher, data, cfg)
+    key = fingerprint(teacher, data, f"T={cfg.temperature},k={cfg.topk}")
     path = Path(path)
     if path.is_file():
         with safe_open(str(path), "pt") as f:

@@ -41,12 +41,30 @@ def trainable_parameters(model: nn.Module, train_embeddings: bool = False) -> di
     return params
 
 
-def training_sequences(tokenizer, source: str, config: TrainConfig, model=None) -> torch.Tensor:
-    """`config.tokens` worth of non-overlapping `seq_len` windows from the calibration split of `source`."""
+def training_sequences(tokenizer, source: str, config: TrainConfig, model=None,
+                       cache: str | Path | None = None, progress: bool = True) -> torch.Tensor:
+    """`config.tokens` worth of `seq_len` sequences: non-overlapping windows from the calibration split of
+    `source`, or for `generated[:PROMPTS]` text sampled from `model` (see `generated`), saved at `cache`."""
     from ..data import calibration_batches
+    from .generated import generated_sequences, prompt_source
 
     n = max(config.batch_size, config.tokens // config.seq_len)
-    return calibration_batches(tokenizer, source, n, config.seq_len, seed=config.seed, model=model)
+    prompts = prompt_source(source)
+    if prompts is None:
+        return calibration_batches(tokenizer, source, n, config.seq_len, seed=config.seed, model=model)
+    if model is None:
+        raise LeanLMError(f"training data '{source}' is sampled from the float model: pass model=...")
+    from . import distributed as dist
+
+    dist.init_from_env()  # one process writes the text, the others read it (or, without a cache, sample it too)
+    if cache is None or dist.is_main():
+        data = generated_sequences(model, tokenizer, n, config.seq_len, prompts, seed=config.seed, cache=cache,
+                                   progress=progress)
+    dist.barrier()
+    if cache is not None and not dist.is_main():
+        data = generated_sequences(model, tokenizer, n, config.seq_len, prompts, seed=config.seed, cache=cache,
+                                   progress=False)
+    return data
 
 
 def _prepare(model, recipe, data, calib, learn_scales: bool, progress: bool):
