@@ -136,4 +136,5 @@ def run_layerwise(model: nn.Module, forward_loop: Callable[[nn.Module], None],
     hidden = inputs.hidden
     for i, layer in enumerate(tqdm(layers, desc=desc, disable=not progress, unit="layer")):
         outputs = calibrate(layer, hidden, inputs.kwargs[i])
-        hidden = outputs if outputs is not None else [layer_output(layer, h, inputs.kwargs[i]) for h in hidden]
+        if i + 1 < len(layers):  # nothing calibrates on the last layer's outputs
+            hidden = outputs if outputs is not None else [layer_output(layer, h, inputs.kwargs[i]) for h in hidden]
