@@ -5,7 +5,8 @@
     .venv/bin/python bench/qat.py --data news --tokens 57344 --lr 3e-4 \
         --out bench/results/qat_smollm2-135m_news_lr3e-4.json     # out-of-domain training text
     .venv/bin/python bench/qat.py --sft-first --out bench/results/qat_smollm2-135m_sft.json
-    .venv/bin/python bench/qat.py --data generated --float-ft --out bench/results/qat_smollm2-135m_generated.json
+    .venv/bin/python bench/qat.py --data generated --recipes nvfp4 --tokens 200000 --lr 3e-4 \
+        --out bench/results/qat_smollm2-135m_generated_200k_lr3e-4.json   # text the model writes itself
     .venv/bin/python bench/qat.py --sft-first --batch-size 2 --micro-batch 2 \
         --out bench/results/qat_smollm2-135m_sft_b2.json          # more, smaller steps (same tokens)
     .venv/bin/python bench/qat.py --sft-first --batch-size 2 --micro-batch 2 --topk 0 \

@@ -300,6 +300,8 @@ def test_generated_text_is_sampled_from_the_model(tmp_path, tokenizer):
     assert ids.shape == (6, 24) and cache.is_file()
     assert torch.equal(ids[:, :8], calibration_batches(tokenizer, "pydoc", 6, 8)[:, :8])  # real prompt tokens
     assert not torch.equal(ids, generated_sequences(model, tokenizer, 6, 24, "pydoc", seed=1, progress=False))
+    # Each row has its own generator: the batch a row runs in does not change what it samples.
+    assert torch.equal(ids, generated_sequences(model, tokenizer, 6, 24, "pydoc", batch_size=3, progress=False))
 
     def refuse(*a, **k):
         raise AssertionError("the cache should have been read")
@@ -318,7 +320,7 @@ def test_generated_text_is_sampled_from_the_model(tmp_path, tokenizer):
 
     # At temperature 1 tokens follow the model's distribution.
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
-    g = torch.Generator().manual_seed(0)
+    g = [torch.Generator().manual_seed(0)]
     draws = torch.cat([_sample(logits, 1.0, g) for _ in range(20000)]).flatten()
     freq = torch.bincount(draws, minlength=5) / len(draws)
     assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.012)

@@ -37,16 +37,17 @@ def prompt_source(source: str) -> str | None:
     return None
 
 
-def _sample(logits: torch.Tensor, temperature: float, g: torch.Generator) -> torch.Tensor:
+def _sample(logits: torch.Tensor, temperature: float, gens: list[torch.Generator]) -> torch.Tensor:
     if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
+        return logits.argmax(-1, keepdim=True).cpu()
     probs = torch.softmax(logits.float().cpu() / temperature, -1)
-    return torch.multinomial(probs, 1, generator=g)
+    # One generator per sequence: what a row samples does not depend on the batch it ran in.
+    return torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gens)])
 
 
 @torch.inference_mode()
 def generated_sequences(model: nn.Module, tokenizer, n: int, seq_len: int, prompts: str = "wiki",
-                        prompt_tokens: int = PROMPT_TOKENS, temperature: float = 1.0, batch_size: int = 32,
+                        prompt_tokens: int = PROMPT_TOKENS, temperature: float = 1.0, batch_size: int = 128,
                         seed: int = 0, cache: str | Path | None = None, progress: bool = True) -> torch.Tensor:
     """`n` sequences of `seq_len` tokens [N, L]: `prompt_tokens` from the calibration split of `prompts`,
     then tokens sampled from `model` at `temperature` (1: its own distribution; 0: greedy).
@@ -76,15 +77,15 @@ def generated_sequences(model: nn.Module, tokenizer, n: int, seq_len: int, promp
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    g = torch.Generator().manual_seed(seed)
     rows = []
     bar = tqdm(total=n * (seq_len - prompt_tokens), desc="generating training text", unit="tok", disable=not progress)
     for b in range(0, n, batch_size):
         ids = starts[b:b + batch_size]
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + b + r) for r in range(len(ids))]
         out = model(ids.to(device), use_cache=True)
         seq = [ids]
         for i in range(seq_len - prompt_tokens):
-            nxt = _sample(out.logits[:, -1], temperature, g).cpu()
+            nxt = _sample(out.logits[:, -1], temperature, gens)
             seq.append(nxt)
             bar.update(len(ids))
             if i + 1 < seq_len - prompt_tokens:
