@@ -38,9 +38,11 @@ def prompt_source(source: str) -> str | None:
 
 
 def _sample(logits: torch.Tensor, temperature: float, gens: list[torch.Generator]) -> torch.Tensor:
+    from ..engine.engine import probabilities
+
     if temperature == 0:
         return logits.argmax(-1, keepdim=True).cpu()
-    probs = torch.softmax(logits.float().cpu() / temperature, -1)
+    probs = probabilities(logits.cpu(), temperature)
     # One generator per sequence: what a row samples does not depend on the batch it ran in.
     return torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gens)])
 
