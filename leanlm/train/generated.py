@@ -97,10 +97,8 @@ def generated_sequences(model: nn.Module, tokenizer, n: int, seq_len: int, promp
     model.train(was_training)
     data = torch.cat(rows)
     if path is not None:
-        from safetensors.torch import save_file
+        from ..atomic import save_tensors
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"ids": data}, str(tmp), metadata={"key": key})
-        tmp.replace(path)
+        save_tensors(path, {"ids": data}, metadata={"key": key})
     return data
