@@ -26,11 +26,11 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 PEERS = ROOT / "bench" / "peers"
 OURS = ["w4a16_rtn_g64", "w4a16_awq_g64", "w4a16_gptq_g64", "w4a16_rtn", "w4a16_awq", "w4a16_gptq",
-        "fp8", "fp8_dynamic", "int8_sq", "w4a8_awq", "nvfp4", "nvfp4_awq", "mxfp4", "mxfp8", "fp8_kv_fp8"]
+        "fp8", "fp8_dynamic", "fp8_block", "int8_sq", "int8_sq_dynamic", "w4a8_awq", "nvfp4", "nvfp4_awq", "mxfp4", "mxfp8", "fp8_kv_fp8"]
 # peer -> schemes (named like our recipes they correspond to)
 PEER_SCHEMES = {
     "modelopt": ["fp8", "fp8_dynamic", "int8_sq", "w4a16_awq_g64", "w4a16_awq", "w4a8_awq", "nvfp4"],
-    "llmcompressor": ["w4a16_gptq_g64", "w4a16_gptq", "w4a16_awq_g64", "int8_sq", "fp8", "fp8_dynamic"],
+    "llmcompressor": ["w4a16_gptq_g64", "w4a16_gptq", "w4a16_awq_g64", "int8_sq_dynamic", "fp8", "fp8_dynamic"],
 }
 
 

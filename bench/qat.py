@@ -11,6 +11,8 @@
         --out bench/results/qat_smollm2-135m_sft_b2.json          # more, smaller steps (same tokens)
     .venv/bin/python bench/qat.py --sft-first --batch-size 2 --micro-batch 2 --topk 0 \
         --out bench/results/qat_smollm2-135m_sft_b2_live.json     # QAD against the live teacher's full logits
+    .venv/bin/python bench/qat.py --data generated --recipes nvfp4 --methods qad --tokens 200000 --lr 3e-4 \
+        --topk 0 --hidden-weight 1 --out bench/results/qat_smollm2-135m_generated_200k_lr3e-4_hidden.json
 
 Training text is the wiki calibration split (disjoint from the evaluation split), or with `--data
 generated` text the float model samples itself from 8-token wiki prompts (no domain adaptation:
@@ -62,6 +64,10 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--topk", type=int, default=64, help="teacher top-k cache for QAD (0: live teacher)")
     p.add_argument("--ce-weight", type=float, default=0.0)
+    p.add_argument("--hidden-weight", type=float, default=0.0,
+                   help="QAD also matches the teacher's hidden states (needs --topk 0: a live teacher)")
+    p.add_argument("--hidden-layers", default="all", choices=["all", "final"],
+                   help="which hidden states --hidden-weight matches: every layer's output, or the final one")
     p.add_argument("--data", default="wiki", help="training text (calibration split); evaluation is always wiki's eval split")
     p.add_argument("--float-ft", action="store_true",
                    help="also fine-tune the float model on the same tokens (how much is domain adaptation)")
@@ -88,6 +94,9 @@ def main() -> None:
     settings = {k: v for k, v in vars(args).items() if k not in ("fresh", "recipes", "methods", "float_ft", "out")}
     if not args.sft_first:
         settings.pop("sft_first")  # rows of runs from before the flag existed stay valid
+    if not args.hidden_weight:
+        settings.pop("hidden_weight")  # likewise
+        settings.pop("hidden_layers")
     for own, flag in (("lr", "sft_lr"), ("batch_size", "sft_batch_size")):
         if getattr(args, own) == getattr(args, flag):
             settings.pop(flag)  # the same: rows of runs from before the flag existed stay valid
@@ -102,6 +111,7 @@ def main() -> None:
     results = ResultRows(out, settings, ("recipe", "method"), args.fresh, model=args.model, train_config=asdict(cfg))
     rows = results.rows
     dcfg = DistillConfig(temperature=args.temperature, topk=args.topk, ce_weight=args.ce_weight,
+                         hidden_weight=args.hidden_weight, hidden_layers=args.hidden_layers,
                          cache=str(WORK / f"{args.model}{'_sft' if args.sft_first else ''}_teacher_top{args.topk}.safetensors")
                          if args.topk else None)
 

@@ -40,7 +40,7 @@ from leanlm.eval.speed import peak_rss_bytes  # noqa: E402
 CALIB_BATCH = 8
 
 MODELOPT_SCHEMES = ("fp8", "fp8_dynamic", "int8_sq", "w4a16_awq", "w4a16_awq_g64", "nvfp4", "w4a8_awq")
-LLMCOMPRESSOR_SCHEMES = ("w4a16_gptq_g64", "w4a16_gptq", "w4a16_awq_g64", "w4a16_awq", "int8_sq", "fp8", "fp8_dynamic")
+LLMCOMPRESSOR_SCHEMES = ("w4a16_gptq_g64", "w4a16_gptq", "w4a16_awq_g64", "w4a16_awq", "int8_sq_dynamic", "fp8", "fp8_dynamic")
 SCHEMES = {"modelopt": MODELOPT_SCHEMES, "llmcompressor": LLMCOMPRESSOR_SCHEMES}
 
 
@@ -147,7 +147,7 @@ def llmcompressor_recipe(scheme: str):
         if scheme == "w4a16_awq":
             return [AWQModifier(), QuantizationModifier(targets="Linear", ignore=ignore, scheme="W4A16")]
         return [AWQModifier(), QuantizationModifier(ignore=ignore, config_groups={"group_0": w4a16_scheme(64)})]
-    if scheme == "int8_sq":
+    if scheme == "int8_sq_dynamic":  # its W8A8: per-channel weights, per-token dynamic activations
         from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
         return [SmoothQuantModifier(smoothing_strength=0.8),
                 GPTQModifier(targets="Linear", scheme="W8A8", ignore=ignore)]

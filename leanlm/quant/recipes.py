@@ -212,6 +212,12 @@ _BASE_PRESETS = [
             weight_calibration="mse", act_order=True),
     _preset("int8_sq", "W8A8 INT8 with SmoothQuant: per-channel weights, per-tensor static activations",
             INT8_ROW, QuantSpec("int8", block_size=0), "smoothquant"),
+    # Per-token ranges computed on every call (SmoothQuant's O1, llmcompressor's W8A8, vLLM's int8 W8A8
+    # dynamic layout), and GPTQ on the smoothed weights, which carry the migrated outliers: gemma3-270m
+    # +1.70% against +3.32% without GPTQ (and +7.0% static), though INT8 weights alone lose nothing there.
+    _preset("int8_sq_dynamic", "W8A8 INT8 with SmoothQuant, then GPTQ on the smoothed weights: per-channel weights, "
+            "per-token dynamic activations", INT8_ROW, QuantSpec("int8", block_size=-1, dynamic=True),
+            "smoothquant+gptq"),
     _preset("w8a16", "INT8 weights, per-channel symmetric scales; activations float", INT8_ROW),
     _preset("w4a8_awq", "INT4 AWQ weights (groups of 128) with FP8 per-tensor static activations",
             QuantSpec("int4", block_size=128), FP8_TENSOR, "awq"),
