@@ -92,11 +92,9 @@ def main() -> None:
     torch.manual_seed(0)
     out = Path(args.out) if args.out else RESULTS / f"qat_{args.model}.json"
     settings = {k: v for k, v in vars(args).items() if k not in ("fresh", "recipes", "methods", "float_ft", "out")}
-    if not args.sft_first:
-        settings.pop("sft_first")  # rows of runs from before the flag existed stay valid
-    if not args.hidden_weight:
-        settings.pop("hidden_weight")  # likewise
-        settings.pop("hidden_layers")
+    for flag, default in (("sft_first", False), ("hidden_weight", 0.0), ("hidden_layers", "all")):
+        if settings[flag] == default:
+            settings.pop(flag)  # rows of runs from before the flag existed stay valid
     for own, flag in (("lr", "sft_lr"), ("batch_size", "sft_batch_size")):
         if getattr(args, own) == getattr(args, flag):
             settings.pop(flag)  # the same: rows of runs from before the flag existed stay valid
