@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/speculative.py                          # smollm2-135m; trains the EAGLE-3 head if missing
     .venv/bin/python bench/speculative.py --models smollm2-135m,gemma3-270m --train-minutes 35
+    .venv/bin/python bench/speculative.py --train-minutes 40 --train-epochs 3 --train-corpus-tokens 300000
 
 Per model, in one process: leanlm's plain decoding (compiled engine), then speculative decoding with
 n-gram lookup, an EAGLE-3 head (`bench/work/eagle3-MODEL`, trained by `leanlm speculate train` with the
@@ -84,7 +85,8 @@ def bench_model(name: str, args) -> dict:
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "leanlm.cli", "speculate", "train", name, "--out", str(head),
                         "--max-minutes", str(args.train_minutes), "--epochs", str(args.train_epochs),
-                        "--num-prompts", str(args.train_prompts)] + (["--chat"] if args.chat else []), check=True)
+                        "--num-prompts", str(args.train_prompts), "--corpus-tokens", str(args.train_corpus_tokens),
+                        "--draft-vocab", str(args.draft_vocab)] + (["--chat"] if args.chat else []), check=True)
         print(f"EAGLE-3 head trained in {(time.perf_counter() - t) / 60:.1f} min, responses generated included",
               flush=True)
     target, tok = leanlm.load(name)
@@ -126,6 +128,9 @@ def main() -> None:
     ap.add_argument("--train-minutes", type=float, default=35.0, help="head training budget (responses excluded)")
     ap.add_argument("--train-prompts", type=int, default=640, help="prompts the target answers for head training")
     ap.add_argument("--train-epochs", type=float, default=6.0)
+    ap.add_argument("--train-corpus-tokens", type=int, default=0,
+                    help="head training also reads this many teacher-forced tokens of the wiki calibration text")
+    ap.add_argument("--draft-vocab", type=int, default=8192, help="the head's draft vocabulary")
     ap.add_argument("--chat", action="store_true", help="wrap prompts (bench and head training) in the chat template")
     ap.add_argument("--num-prompts", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=128)
