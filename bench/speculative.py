@@ -85,8 +85,8 @@ def bench_model(name: str, args) -> dict:
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "leanlm.cli", "speculate", "train", name, "--out", str(head),
                         "--max-minutes", str(args.train_minutes), "--epochs", str(args.train_epochs),
-                        "--num-prompts", str(args.train_prompts), "--corpus-tokens", str(args.train_corpus_tokens),
-                        "--draft-vocab", str(args.draft_vocab)] + (["--chat"] if args.chat else []), check=True)
+                        "--num-prompts", str(args.train_prompts), "--corpus-tokens", str(args.train_corpus_tokens)]
+                       + (["--chat"] if args.chat else []), check=True)
         print(f"EAGLE-3 head trained in {(time.perf_counter() - t) / 60:.1f} min, responses generated included",
               flush=True)
     target, tok = leanlm.load(name)
@@ -130,7 +130,6 @@ def main() -> None:
     ap.add_argument("--train-epochs", type=float, default=6.0)
     ap.add_argument("--train-corpus-tokens", type=int, default=0,
                     help="head training also reads this many teacher-forced tokens of the wiki calibration text")
-    ap.add_argument("--draft-vocab", type=int, default=8192, help="the head's draft vocabulary")
     ap.add_argument("--chat", action="store_true", help="wrap prompts (bench and head training) in the chat template")
     ap.add_argument("--num-prompts", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=128)
