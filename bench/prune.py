@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from result_rows import ResultRows  # noqa: E402  (bench/ sits first on sys.path when run as a script)
+from workdir import work_dir  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-WORK = ROOT / "bench" / "work" / "prune"
+WORK = work_dir("prune")  # outlives a fresh clone: see bench/workdir.py
 
 
 def main() -> None:

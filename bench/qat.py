@@ -27,7 +27,8 @@ teacher, and what PTQ, QAT and QAD start from (its published Llama-3-8B figures 
 `--sft-lr` and `--sft-batch-size` set that fine-tune apart from QAT's and QAD's `--lr` and `--batch-size`.
 Finished rows are kept in
 bench/results/qat_<model>.json as they complete, and a rerun with the same settings skips them;
-training runs checkpoint under bench/work/qat/ and resume if killed.
+training runs checkpoint under the bench work folder (`qat/`, see bench/workdir.py) and resume
+if killed.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ sys.path.insert(0, str(ROOT))
 
 from leanlm.atomic import atomic_write_text  # noqa: E402
 from result_rows import ResultRows  # noqa: E402  (bench/ sits first on sys.path when run as a script)
+from workdir import work_dir  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-WORK = ROOT / "bench" / "work" / "qat"
+WORK = work_dir("qat")  # outlives a fresh clone: see bench/workdir.py
 
 
 def main() -> None:

@@ -4,7 +4,8 @@
     .venv/bin/python bench/scale.py --layers 2 --hidden 1024 --intermediate 4096 --heads 16 --kv-heads 4  # quick
 
 Writes a random-weight Llama model (hidden 3072, MLP 8192, 24 heads / 8 KV heads, SmolLM2's tokenizer
-and vocabulary, tied embeddings: about 3.0B parameters) to bench/work/scale once, layer by layer, then
+and vocabulary, tied embeddings: about 3.0B parameters) to the bench work folder (`scale/`, see
+bench/workdir.py) once, layer by layer, then
 quantizes it with `leanlm.quant.streaming.quantize_streaming` in a child process on real calibration
 text (wiki), so the peak resident memory measured is that of the quantization alone. Prints a table
 and writes bench/results/scale.json. Target (issue 8): peak RSS under 4 GB.
@@ -26,9 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from result_rows import ResultRows  # noqa: E402  (bench/ sits first on sys.path when run as a script)
+from workdir import work_dir  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-WORK = ROOT / "bench" / "work" / "scale"
+WORK = work_dir("scale")  # outlives a fresh clone: see bench/workdir.py
 TARGET_PEAK_GB = 4.0
 
 

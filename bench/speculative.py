@@ -5,7 +5,8 @@
     .venv/bin/python bench/speculative.py --train-minutes 40 --train-epochs 3 --train-corpus-tokens 300000
 
 Per model, in one process: leanlm's plain decoding (compiled engine), then speculative decoding with
-n-gram lookup, an EAGLE-3 head (`bench/work/eagle3-MODEL`, trained by `leanlm speculate train` with the
+n-gram lookup, an EAGLE-3 head (`eagle3-MODEL` in the bench work folder, see bench/workdir.py;
+trained by `leanlm speculate train` with the
 given minutes when absent) and a draft model (the target cut to `--draft-layers` evenly spaced decoder
 layers: a real, smaller HF model with the same tokenizer); then transformers' `generate` plain, with
 the same draft model (`assistant_model`, assisted generation) and with prompt lookup, on the same
@@ -25,8 +26,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from workdir import work_dir  # noqa: E402  (bench/ sits first on sys.path when run as a script)
+
 RESULTS = ROOT / "bench" / "results"
-WORK = ROOT / "bench" / "work"
+WORK = work_dir("speculative")  # outlives a fresh clone: see bench/workdir.py
 
 
 def draft_model_dir(name: str, target, tok, layers: int) -> Path:

@@ -3,7 +3,8 @@
     .venv/bin/python bench/speed.py                                  # both models, all variants, peers
     .venv/bin/python bench/speed.py --models smollm2-135m --no-peers
 
-Every leanlm variant is quantized once and saved (bench/work/speed/), then measured in a fresh
+Every leanlm variant is quantized once and saved (`speed/` in the bench work folder, see
+bench/workdir.py), then measured in a fresh
 process the way a user runs it: ``leanlm.load(folder)`` gives the packed model (int4 / int8 / W8A8
 kernels, no float copies) and the decode engine generates from it. Resident memory is the process's
 RSS after loading and one forward pass (every weight touched) minus its RSS before loading (Python,
@@ -37,10 +38,11 @@ sys.path.insert(0, str(ROOT))
 
 from decode import (add_bounds, add_child_args, bench_parser, bracketed, chosen_variants, prompt_ids,  # noqa: E402
                     report_header, spawn, table_title, write_report)
+from workdir import work_dir  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 PEERS = ROOT / "bench" / "peers"
-WORK = ROOT / "bench" / "work" / "speed"
+WORK = work_dir("speed")  # outlives a fresh clone: see bench/workdir.py
 
 
 def _all_linears(weight: dict, input: dict | None = None, head: dict | None = None) -> dict:

@@ -324,6 +324,9 @@ def test_generated_text_is_sampled_from_the_model(tmp_path, tokenizer):
     draws = torch.cat([_sample(logits, 1.0, g) for _ in range(20000)]).flatten()
     freq = torch.bincount(draws, minlength=5) / len(draws)
     assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.012)
+    masked = torch.tensor([[-float("inf"), 0.0, -float("inf"), 0.0, -float("inf")]])
+    draws = torch.cat([_sample(masked, 1.0, g) for _ in range(2000)]).flatten()
+    assert set(draws.tolist()) == {1, 3}  # a token of probability zero is never drawn
 
 
 def test_generated_source_names():

@@ -43,8 +43,12 @@ def _sample(logits: torch.Tensor, temperature: float, gens: list[torch.Generator
     if temperature == 0:
         return logits.argmax(-1, keepdim=True).cpu()
     probs = probabilities(logits.cpu(), temperature)
-    # One generator per sequence: what a row samples does not depend on the batch it ran in.
-    return torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gens)])
+    # One generator per sequence, so what a row samples does not depend on the batch it ran in; each
+    # gives one uniform draw and the inverse CDF runs batched (a multinomial per row took a third of the time).
+    u = torch.cat([torch.rand(1, generator=g) for g in gens]).unsqueeze(1)
+    cdf = probs.double().cumsum(-1)
+    picks = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return picks.clamp_(max=probs.shape[-1] - 1)
 
 
 @torch.inference_mode()
@@ -67,7 +71,7 @@ def generated_sequences(model: nn.Module, tokenizer, n: int, seq_len: int, promp
     if temperature < 0:
         raise LeanLMError(f"sampling temperature {temperature} must be >= 0")
     starts = calibration_batches(tokenizer, prompts, n, max(2, prompt_tokens), seed=seed, model=model)[:, :prompt_tokens]
-    key = fingerprint(model, starts, f"L={seq_len},T={temperature},seed={seed}")
+    key = fingerprint(model, starts, f"L={seq_len},T={temperature},seed={seed},sampler=icdf")
     path = Path(cache) if cache else None
     if path is not None and path.is_file():
         from safetensors import safe_open
