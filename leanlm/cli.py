@@ -491,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--micro-batch", type=_positive, default=4, help="sequences per forward (gradient accumulation)")
         s.add_argument("--epochs", type=_positive, default=1)
         s.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
-        s.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bf16 autocast)")
+        s.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bf16 autocast where the hardware computes bf16 natively)")
         s.add_argument("--checkpoint-every", type=_positive, default=25, help="steps between checkpoints")
         s.add_argument("--max-minutes", type=float, default=None, help="stop early (checkpointed) after this long")
         s.add_argument("--fsdp", action="store_true",
@@ -592,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=float, default=4.0)
     s.add_argument("--batch-size", type=_positive, default=8)
     s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bf16 autocast)")
+    s.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bf16 autocast where the hardware computes bf16 natively)")
     s.add_argument("--max-minutes", type=float, default=None, help="stop training after this long (saves the head)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true")

@@ -13,6 +13,7 @@ from leanlm.errors import LeanLMError
 from leanlm.export import MANIFEST, export, verify_export
 from leanlm.export import gguf as gguf_export
 from leanlm.export.parts import weight_parts
+from leanlm.models import shared_gguf_reads
 from tiny import tiny_gemma3, tiny_llama, tiny_qwen2
 
 gguf = pytest.importorskip("gguf")
@@ -51,7 +52,8 @@ def _summary(out) -> dict:
 def _hf(out):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32).eval()
+    with shared_gguf_reads():  # transformers alone parses the file three times
+        return AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32).eval()
 
 
 def _ids(tok):
@@ -202,15 +204,17 @@ def test_qwen2_keeps_biases_and_untied_head(tmp_path, small_tok):
 
 
 def test_smollm2_vocabulary_from_a_model_folder(tmp_path, tiny_model_dir):
-    out = export(tiny_model_dir, "gguf", tmp_path / "gguf")  # a folder: loaded with its own tokenizer
-    f = {k: v.contents() for k, v in _reader(out).fields.items()
-         if k in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.pre", "general.file_type")}
-    tok = json.loads((tiny_model_dir / "tokenizer.json").read_text())
-    assert f["general.file_type"] == 7  # float model: Q8_0 by default
-    assert f["tokenizer.ggml.tokens"][:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    assert len(f["tokenizer.ggml.tokens"]) == 49152 and len(f["tokenizer.ggml.merges"]) == len(tok["model"]["merges"])
-    assert f["tokenizer.ggml.merges"][0] == " ".join(tok["model"]["merges"][0])
-    verify_export(out)
+    # Written before it is first read: export's check, ours and verify's can share one parse.
+    with shared_gguf_reads():
+        out = export(tiny_model_dir, "gguf", tmp_path / "gguf")  # a folder: loaded with its own tokenizer
+        f = {k: v.contents() for k, v in _reader(out).fields.items()
+             if k in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.pre", "general.file_type")}
+        tok = json.loads((tiny_model_dir / "tokenizer.json").read_text())
+        assert f["general.file_type"] == 7  # float model: Q8_0 by default
+        assert f["tokenizer.ggml.tokens"][:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        assert len(f["tokenizer.ggml.tokens"]) == 49152 and len(f["tokenizer.ggml.merges"]) == len(tok["model"]["merges"])
+        assert f["tokenizer.ggml.merges"][0] == " ".join(tok["model"]["merges"][0])
+        verify_export(out)
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, small_tok):
@@ -245,13 +249,15 @@ def test_corruption_is_detected(tmp_path, small_tok):
 
 @pytest.mark.slow
 def test_smollm2_q8_0_in_transformers(tmp_path, default_model_dir):
-    from transformers import AutoTokenizer
+    # Written before it is first read: export's check, the tokenizer's and the model's share one parse.
+    with shared_gguf_reads():
+        from transformers import AutoTokenizer
 
-    model, tok = leanlm.load(default_model_dir)
-    out = export(model, "gguf", tmp_path / "smollm2", tokenizer=tok, qtype="Q8_0")
-    hf_tok = AutoTokenizer.from_pretrained(str(out), gguf_file="model.gguf")
-    assert hf_tok(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
-    ids = _ids(tok)
-    with torch.no_grad():
-        a, b = model(ids).logits, _hf(out)(ids).logits
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9 and _rel(a, b) < 0.05
+        model, tok = leanlm.load(default_model_dir)
+        out = export(model, "gguf", tmp_path / "smollm2", tokenizer=tok, qtype="Q8_0")
+        hf_tok = AutoTokenizer.from_pretrained(str(out), gguf_file="model.gguf")
+        assert hf_tok(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
+        ids = _ids(tok)
+        with torch.no_grad():
+            a, b = model(ids).logits, _hf(out)(ids).logits
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9 and _rel(a, b) < 0.05

@@ -105,3 +105,31 @@ def test_atomic_dir_refuses_existing_unless_overwrite(tmp_path):
 def test_list_models_names_builtins():
     names = [m["name"] for m in leanlm.list_models()]
     assert names == ["smollm2-135m", "gemma3-270m"]
+
+
+def test_shared_gguf_reads_parse_each_file_once(tmp_path):
+    """One parse per file inside the block (transformers asks four times per load), a fresh one after a
+    rewrite, and gguf's own reader back afterwards."""
+    gguf = pytest.importorskip("gguf")
+    from leanlm.models import shared_gguf_reads
+
+    path = tmp_path / "m.gguf"
+
+    def write(n):
+        w = gguf.GGUFWriter(str(path), "llama")
+        w.add_block_count(n)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    write(1)
+    original = gguf.GGUFReader
+    with shared_gguf_reads():
+        first = gguf.GGUFReader(str(path))
+        assert gguf.GGUFReader(path) is first
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        write(22)  # a different file under the same name
+        again = gguf.GGUFReader(str(path))
+        assert again is not first and again.fields["llama.block_count"].contents() == 22
+    assert gguf.GGUFReader is original

@@ -39,7 +39,7 @@ def _eagle_drafter(model, max_len=128, seed=0):
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_greedy_speculative_equals_plain_for_every_drafter(family):
     model = (tiny_llama if family == "llama" else tiny_gemma3)(layers=3)
-    prompts = _prompts(6)
+    prompts = _prompts(4)
     ref = _plain(model, prompts, 40)
     head, eagle = _eagle_drafter(model)
     drafters = {"ngram": (NGramDrafter(), ()), "self": (ModelDrafter(model, 128, compile=False), ()),

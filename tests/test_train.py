@@ -339,3 +339,23 @@ def test_generated_source_names():
         prompt_source("generated:")
     with pytest.raises(leanlm.LeanLMError, match="sampled from the float model"):
         training_sequences(None, "generated", TrainConfig())
+
+
+def test_bf16_autocast_only_where_the_hardware_has_it(monkeypatch, caplog):
+    """An emulated bf16 matmul is far slower than float32 (AVX2 CPUs), so autocast then stays off, said once."""
+    from leanlm.train import loop
+
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    monkeypatch.setattr(loop, "bf16_is_native", lambda device: True)
+    with loop.autocast(lin, True):
+        assert lin(x).dtype == torch.bfloat16
+    with loop.autocast(lin, False):
+        assert lin(x).dtype == torch.float32
+    monkeypatch.setattr(loop, "bf16_is_native", lambda device: False)
+    loop._say_once.cache_clear()
+    with caplog.at_level("WARNING", logger="leanlm.train.loop"):
+        for _ in range(2):
+            with loop.autocast(lin, True):
+                assert lin(x).dtype == torch.float32
+    assert sum("bf16 autocast is off" in r.message for r in caplog.records) == 1

@@ -16,6 +16,7 @@ them whole (`sharding`); the result is the same, up to float summation order.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -52,7 +53,7 @@ class TrainConfig:
     min_lr: float = 0.1  # final learning rate as a fraction of lr (cosine)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    bf16: bool = True  # autocast matmuls to bfloat16 (CPUs with AVX-512 BF16 / AMX, and GPUs)
+    bf16: bool = True  # autocast matmuls to bfloat16 where the hardware has it (see bf16_is_native)
     eval_every: int = 0  # steps between evaluations (0: only at the end, when eval data is given)
     checkpoint_every: int = 25
     seed: int = 0
@@ -63,9 +64,33 @@ class TrainConfig:
         return max(1, (n_sequences // self.batch_size) * self.epochs)
 
 
+@functools.cache
+def bf16_is_native(device_type: str) -> bool:
+    """Whether bf16 matmuls run in hardware: a GPU with bf16, or a CPU with AVX512-BF16 or AMX.
+
+    Elsewhere PyTorch emulates them: on an AVX2 CPU (AMD Zen 1) a bf16 matmul ran at 0.8 GFLOP/s
+    against 28 in float32, so autocast there would make training some 30x slower, not faster.
+    """
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return True
+
+
 def autocast(model: nn.Module, enabled: bool):
+    """bf16 autocast when `enabled` and the model's device computes bf16 natively; float32 otherwise."""
     device = next(model.parameters()).device.type
+    if enabled and not bf16_is_native(device):
+        _say_once(f"bf16 autocast is off: this {device.upper()} has no native bf16 matmuls "
+                  "(AVX512-BF16 or AMX on a CPU), where it would be far slower; training runs in float32")
+        enabled = False
     return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    log.warning(message)
 
 
 def cosine_lr(lr: float, step: int, total: int, warmup_steps: int, min_ratio: float) -> float:
