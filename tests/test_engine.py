@@ -123,10 +123,15 @@ def test_every_packed_format_decodes_like_its_eager_model(recipe):
     assert weight_bytes_per_token(model) <= 1.15 * before  # no float copy of a weight (+ the int4 kernel's bf16 scales)
 
 
-def test_compiled_packed_int4_and_int8_decode():
+@pytest.mark.parametrize("int8_fused", [True, False], ids=["int8-fused", "int8-kernel"])
+def test_compiled_packed_int4_and_int8_decode(monkeypatch, int8_fused):
+    """Both compiled int8 paths: inductor's fused reduction (AVX-512) and the kernel as an opaque op (AVX2)."""
+    from leanlm.quant import linear as quant_linear
+
+    monkeypatch.setattr(quant_linear, "int8_fused_is_fast", lambda: int8_fused)
     w8a8 = {"name": "w8a8", "rules": [{"pattern": "*", "weight": "int8",
                                        "input": {"format": "int8", "block_size": -1, "dynamic": True}}]}
-    for recipe in ("w4a16_rtn_g64", "w8a16", w8a8):
+    for recipe in ("w4a16_rtn_g64", "w8a16", w8a8) if int8_fused else ("w8a16",):
         model = tiny_llama(vocab=256, layers=2)
         leanlm.quantize(model, recipe, progress=False)
         prompt = torch.tensor([4, 8, 15, 16])

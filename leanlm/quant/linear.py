@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LeanLMError
-from ..kernels import (few_rows, fused_rows, int4_kernel_fits, int4_linear, int8_kernel_fits, int8_linear, linear,
-                       pack_int4, unpack_int4, w8a8_linear)
+from ..kernels import (few_rows, fused_rows, int4_kernel_fits, int4_linear, int8_fused_is_fast, int8_kernel_fits,
+                       int8_linear, linear, pack_int4, unpack_int4, w8a8_linear)
 from .formats import (QParams, QuantSpec, compute_qparams, dequantize_blocks, effective_scale, fake_quantize,
                       fake_quantize_lsq, quantize_blocks)
 from .packing import (decode_pairs, decode_qparams, decode_values, encode_qparams, encode_values, pack_nibbles,
@@ -258,14 +258,16 @@ class QuantLinear(nn.Module):
             destination[prefix + "weight_codes"] = self.codes()
 
     def _kernel_for(self, x: torch.Tensor) -> str | None:
-        """The packed kernel this call uses. Inside torch.compile only the int4 kernel: inductor lowers
-        `_weight_int8pack_mm` and `_int_mm` into its own loops, 1.5x slower than the fused reduction
-        for int8 weights, and a compiled W8A8 decode step with `_int_mm` produced wrong tokens on
-        SmolLM2 (bf16, torch 2.13); the engine test checks compiled == eager decoding for both."""
+        """The packed kernel this call uses. Inside torch.compile: the int4 kernel; the int8 one only where
+        inductor's fused int8 reduction is slow (AVX2, see `int8_fused_is_fast`; on AVX-512 that reduction
+        is 1.5x faster); never `_int_mm`, since a compiled W8A8 decode step with it produced wrong tokens
+        on SmolLM2 (bf16, torch 2.13). The engine test checks compiled == eager decoding for each."""
         if self._kernel is None or self.observers is not None:
             return None
         if torch.compiler.is_compiling():
-            return "int4" if self._kernel[0] == "int4" and few_rows(x) else None
+            kind = self._kernel[0]
+            fits = kind == "int4" or (kind == "int8" and not int8_fused_is_fast())
+            return kind if fits and few_rows(x) else None
         return self._kernel[0]
 
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
