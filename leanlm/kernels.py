@@ -165,8 +165,11 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     (inductor would otherwise lower it into its own, slower loops)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    mm = _int8_weight_mm_op if torch.compiler.is_compiling() else _int8_weight_mm
-    y = mm(x2, weight) * scale
+    if not _AVX512 and native.ROWS_LINEAR and few_rows(x):
+        y = native.rows_linear(x2.float(), weight) * scale  # float32 activations, AVX2 dot products
+    else:
+        mm = _int8_weight_mm_op if torch.compiler.is_compiling() else _int8_weight_mm
+        y = mm(x2, weight) * scale
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*lead, -1).to(x.dtype)

@@ -60,7 +60,7 @@ def rows_linear_available() -> bool:
 
 
 def rows_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x [M, K] float32 @ w[N, K].T`` for M <= 16 (w float32 or bf16), reading `w` once."""
+    """``x [M, K] float32 @ w[N, K].T`` for M <= 16 (w float32, bf16 or int8 codes), reading `w` once."""
     return torch.ops.leanlm_kernels.rows_linear(x, w)
 
 

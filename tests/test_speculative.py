@@ -86,17 +86,19 @@ def test_draft_model_with_a_quantized_lm_head():
         assert [speculative_generate(eng, drafter, p, 20, k=3).tokens for p in prompts] == _plain(target, prompts, 20)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_native_rows_linear_matches_matmul(dtype):
     from leanlm.native import rows_linear, rows_linear_available
 
     assert rows_linear_available()
     g = torch.Generator().manual_seed(0)
     for k in (64, 100, 576):  # whole and partial vectors
-        w = torch.randn(96, k, generator=g).to(dtype)
+        w = torch.randn(96, k, generator=g)
+        w = (w * 40).round().clamp(-127, 127).to(dtype) if dtype == torch.int8 else w.to(dtype)
         for m in (1, 2, 5, 16):
             x = torch.randn(m, k, generator=g)
-            torch.testing.assert_close(rows_linear(x, w), x @ w.float().T, atol=1e-4, rtol=1e-4)
+            ref = x.double() @ w.double().T
+            torch.testing.assert_close(rows_linear(x, w).double(), ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)
 
 
 def test_compiled_speculative_equals_plain():

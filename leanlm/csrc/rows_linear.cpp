@@ -3,14 +3,14 @@
 // Generic GEMM and inductor's reductions read the weight once per row of x at these sizes; here each
 // weight vector is loaded once and multiplied into every row's accumulator (all held in registers),
 // so a k-token verification step reads the weights once, like a single-token step.
+// Weights are float32, bf16, or int8 codes (the caller applies per-row scales): AVX-512 or AVX2 + FMA.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
-#include <cstring>
 #include <type_traits>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -25,6 +25,8 @@ template <typename W>
 inline __m512 load_w(const W* p, __mmask16 mask) {
   if constexpr (std::is_same_v<W, float>) {
     return _mm512_maskz_loadu_ps(mask, p);
+  } else if constexpr (std::is_same_v<W, int8_t>) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
   } else {  // bf16 is the upper half of a float32
     __m256i h = _mm256_maskz_loadu_epi16(mask, reinterpret_cast<const void*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -75,6 +77,61 @@ inline void tile(const float* x, const W* w, float* y, int64_t K, int64_t N, int
 }
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+template <typename W>
+inline __m256 load8(const W* p) {
+  if constexpr (std::is_same_v<W, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<W, int8_t>) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  } else {  // bf16 is the upper half of a float32
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// U independent accumulators per row of x hide the FMA latency when M is small (U * M <= 8 keeps
+// them, a weight vector and an x vector within AVX2's 16 ymm registers).
+template <int M, typename W>
+inline void tile8(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n) {
+  constexpr int U = M == 1 ? 4 : (M <= 3 ? 2 : 1);
+  const int64_t step = 8 * U, full = K / step * step;
+  __m256 acc[U][M];
+#pragma GCC unroll 16
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) acc[u][m] = _mm256_setzero_ps();
+  const W* wr = w + n * K;
+  int64_t k = 0;
+  for (; k < full; k += step) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const __m256 wv = load8(wr + k + 8 * u);
+#pragma GCC unroll 16
+      for (int m = 0; m < M; ++m) acc[u][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + 8 * u), acc[u][m]);
+    }
+  }
+  float tail[M] = {0};
+  for (; k < K; ++k) {  // the last partial vectors, one value at a time
+    const float wv = static_cast<float>(wr[k]);
+    for (int m = 0; m < M; ++m) tail[m] += wv * x[m * K + k];
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < M; ++m) {
+    __m256 a = acc[0][m];
+#pragma GCC unroll 4
+    for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[u][m]);
+    y[m * N + n] = hsum8(a) + tail[m];
+  }
+}
+#endif
+
 template <int M, typename W>
 void rows_block(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
 #if defined(__AVX512F__)
@@ -82,17 +139,13 @@ void rows_block(const float* x, const W* w, float* y, int64_t K, int64_t N, int6
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) tile<M, NB, W>(x, w, y, K, N, n);
   for (; n < n1; ++n) tile<M, 1, W>(x, w, y, K, N, n);
+#elif defined(__AVX2__) && defined(__FMA__)
+  for (int64_t n = n0; n < n1; ++n) tile8<M, W>(x, w, y, K, N, n);
 #else
   for (int64_t n = n0; n < n1; ++n) {
     float acc[M] = {0};
     for (int64_t k = 0; k < K; ++k) {
-      float wv;
-      if constexpr (std::is_same_v<W, float>) {
-        wv = w[n * K + k];
-      } else {
-        uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(w)[n * K + k]) << 16;
-        std::memcpy(&wv, &bits, 4);
-      }
+      const float wv = static_cast<float>(w[n * K + k]);
       for (int m = 0; m < M; ++m) acc[m] += wv * x[m * K + k];
     }
     for (int m = 0; m < M; ++m) y[m * N + n] = acc[m];
@@ -114,8 +167,8 @@ void dispatch(int64_t M, const float* x, const W* w, float* y, int64_t K, int64_
 torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "rows_linear: x [M, K], w [N, K]");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32, "rows_linear: x must be float32");
-  TORCH_CHECK(w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16,
-              "rows_linear: w must be float32 or bfloat16");
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16 ||
+              w.scalar_type() == torch::kChar, "rows_linear: w must be float32, bfloat16 or int8");
   auto xc = x.contiguous();
   auto wc = w.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
@@ -125,6 +178,8 @@ torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& w) {
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     if (wc.scalar_type() == torch::kFloat32) {
       dispatch<float>(M, xp, wc.data_ptr<float>(), yp, K, N, n0, n1);
+    } else if (wc.scalar_type() == torch::kChar) {
+      dispatch<int8_t>(M, xp, wc.data_ptr<int8_t>(), yp, K, N, n0, n1);
     } else {
       dispatch<at::BFloat16>(M, xp, wc.data_ptr<at::BFloat16>(), yp, K, N, n0, n1);
     }
