@@ -138,11 +138,12 @@ _AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")  # read o
 
 
 def int8_fused_is_fast() -> bool:
-    """Whether compiled decode steps should use inductor's fused int8 reduction rather than the kernel.
+    """Whether compiled decode steps should use inductor's fused int8 reduction rather than `int8_linear`.
 
-    On AVX-512 the fused loop is 1.5x faster than `_weight_int8pack_mm`; on AVX2 (AMD Zen 1, 576 x 1536
-    at batch 1) it took 1.35 ms against the kernel's 0.35 ms and float32's 0.24 ms, so there compiled
-    steps call the kernel through an op that inductor leaves alone.
+    On AVX-512 the fused loop is 1.5x faster than `_weight_int8pack_mm`. On AVX2 (AMD Zen 1, 576 x 1536
+    at batch 1) it took 1.35 ms against float32's 0.24 ms, so there `int8_linear` runs instead: the
+    native AVX2 kernel (0.16 ms), or without a compiler `_weight_int8pack_mm` (0.35 ms) as an op that
+    inductor leaves alone.
     """
     return _AVX512
 
@@ -162,10 +163,11 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
     The kernel takes bf16 scales; rounding them would bias whole output channels, so it runs with unit
     scales and the fp32 ones are applied to its output. Inside torch.compile it runs as an opaque op
-    (inductor would otherwise lower it into its own, slower loops)."""
+    (inductor would otherwise lower it into its own, slower loops). Where the fused loop is slow (AVX2),
+    few rows go through the native kernel with float32 activations instead, if it is built."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if not _AVX512 and native.ROWS_LINEAR and few_rows(x):
+    if not int8_fused_is_fast() and native.ROWS_LINEAR and few_rows(x):
         y = native.rows_linear(x2.float(), weight) * scale  # float32 activations, AVX2 dot products
     else:
         mm = _int8_weight_mm_op if torch.compiler.is_compiling() else _int8_weight_mm

@@ -125,7 +125,8 @@ def test_every_packed_format_decodes_like_its_eager_model(recipe):
 
 @pytest.mark.parametrize("int8_fused", [True, False], ids=["int8-fused", "int8-kernel"])
 def test_compiled_packed_int4_and_int8_decode(monkeypatch, int8_fused):
-    """Both compiled int8 paths: inductor's fused reduction (AVX-512) and the kernel as an opaque op (AVX2)."""
+    """Both compiled int8 paths: inductor's fused reduction (AVX-512) and `int8_linear` as an opaque op (AVX2:
+    the native kernel where it is built, else PyTorch's int8 kernel)."""
     from leanlm.quant import linear as quant_linear
 
     monkeypatch.setattr(quant_linear, "int8_fused_is_fast", lambda: int8_fused)

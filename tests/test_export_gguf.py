@@ -249,10 +249,10 @@ def test_corruption_is_detected(tmp_path, small_tok):
 
 @pytest.mark.slow
 def test_smollm2_q8_0_in_transformers(tmp_path, default_model_dir):
+    from transformers import AutoTokenizer
+
     # Written before it is first read: export's check, the tokenizer's and the model's share one parse.
     with shared_gguf_reads():
-        from transformers import AutoTokenizer
-
         model, tok = leanlm.load(default_model_dir)
         out = export(model, "gguf", tmp_path / "smollm2", tokenizer=tok, qtype="Q8_0")
         hf_tok = AutoTokenizer.from_pretrained(str(out), gguf_file="model.gguf")
