@@ -63,6 +63,8 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--learn-scales", action="store_true")
+    p.add_argument("--no-scale-grad", action="store_true",
+                   help="plain straight-through gradients (dynamic activation scales constant in the backward)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--topk", type=int, default=64, help="teacher top-k cache for QAD (0: live teacher)")
     p.add_argument("--ce-weight", type=float, default=0.0)
@@ -93,7 +95,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     out = Path(args.out) if args.out else RESULTS / f"qat_{args.model}.json"
-    settings = {k: v for k, v in vars(args).items() if k not in ("fresh", "recipes", "methods", "float_ft", "out")}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("fresh", "recipes", "methods", "float_ft", "out", "no_scale_grad")}
+    settings["scale_grad"] = not args.no_scale_grad  # rows from before the option ran without: they rerun
     for flag, default in (("sft_first", False), ("hidden_weight", 0.0), ("hidden_layers", "all")):
         if settings[flag] == default:
             settings.pop(flag)  # rows of runs from before the flag existed stay valid
@@ -162,10 +166,10 @@ def main() -> None:
             work = WORK / f"{args.model}_{recipe}_{method}"
             t = time.perf_counter()
             if method == "qat":
-                qat(m, recipe, data, config=cfg, learn_scales=args.learn_scales, work=work)
+                qat(m, recipe, data, config=cfg, learn_scales=args.learn_scales, work=work, scale_grad=not args.no_scale_grad)
             else:
                 qad(m, copy.deepcopy(base), recipe, data, config=cfg, distill=dcfg, learn_scales=args.learn_scales,
-                    work=work)
+                    work=work, scale_grad=not args.no_scale_grad)
             hist = [h["loss"] for h in m.leanlm_training["history"] if "loss" in h]
             record(recipe, method, m, time.perf_counter() - t,
                    {"steps": m.leanlm_training["trained_steps"], "first_loss": hist[0], "last_loss": hist[-1]})

@@ -232,7 +232,8 @@ def cmd_train_quantized(args) -> None:
     work = out.with_name(out.name + ".work")
     data = training_sequences(tok, args.data, cfg, model=model, cache=work / "generated.safetensors")
     calib = _calib(args, tok, model) if args.calib else None
-    kw = dict(calib=calib, config=cfg, learn_scales=args.learn_scales, work=work, eval_data=_held_out(args, tok))
+    kw = dict(calib=calib, config=cfg, learn_scales=args.learn_scales, scale_grad=not args.no_scale_grad, work=work,
+              eval_data=_held_out(args, tok))
     t = time.perf_counter()
     if args.command == "qat":
         qat(model, recipe, data, **kw)
@@ -522,6 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--out", required=True, help="output folder (like `leanlm quantize`); checkpoints go to OUT.work")
         training_args(s, 2e-5)
         s.add_argument("--learn-scales", action="store_true", help="also train the weight scales (LSQ)")
+        s.add_argument("--no-scale-grad", action="store_true",
+                       help="plain straight-through gradients: dynamic activation scales stay constants in the backward")
         s.add_argument("--calib", default=None,
                        help="PTQ calibration data (default: the first training sequences, when the recipe needs any)")
         s.add_argument("--calib-samples", type=_positive, default=64)

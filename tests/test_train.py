@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import leanlm
-from leanlm.quant.formats import NAMED_SPECS, QuantSpec, compute_qparams, effective_scale, fake_quantize_lsq
+from leanlm.quant.formats import (NAMED_SPECS, QuantSpec, compute_qparams, effective_scale, fake_quantize,
+                                  fake_quantize_lsq)
 from leanlm.quant.linear import QuantLinear
 from leanlm.train import DistillConfig, TrainConfig, qad, qat
 from leanlm.train.losses import kd_loss, kd_loss_topk, teacher_topk
@@ -42,6 +43,40 @@ def test_lsq_gradients_match_the_formula():
     # LSQ: q - x/s inside the range, the clipped code (7) outside; scaled by 1/sqrt(numel * range)
     lsq = (1.0 - 1.0) + (-7.0 + 7.0) + (4.0 - 3.5) + 7.0
     assert torch.allclose(s.grad.reshape(()), torch.tensor(lsq / (4 * 7.5) ** 0.5))
+
+
+def test_scale_gradients_match_autograd_through_the_scale():
+    from leanlm.quant.formats import from_blocks, round_to_format, to_blocks
+
+    torch.manual_seed(0)
+    for spec in (NAMED_SPECS["nvfp4"], QuantSpec("int4", block_size=8), QuantSpec("int8", block_size=-1),
+                 QuantSpec("int4", block_size=0)):
+        x = torch.randn(3, 20, requires_grad=True)
+        g = torch.randn(3, 20)
+        (fake_quantize(x, spec, scale_grad=True) * g).sum().backward()
+        # Reference: scale = amax * (stored scale / amax) (straight through the scale's rounding), values
+        # straight through their rounding inside the range and constant (+-range) where clipped.
+        ref = x.detach().clone().requires_grad_(True)
+        xb = to_blocks(ref, spec.block_size)
+        amax = xb.abs().amax(-1, keepdim=True)
+        s = amax * (effective_scale(compute_qparams(ref.detach(), spec)) / amax).detach()
+        v = xb / s
+        inside = (v.detach().abs() <= spec.element.range).float()
+        vq = v * inside + (round_to_format(v.detach(), spec.element) - v * inside).detach()
+        (from_blocks(vq * s, ref.shape) * g).sum().backward()
+        assert torch.allclose(x.grad, ref.grad, atol=1e-5), spec
+        plain = x.detach().clone().requires_grad_(True)
+        (fake_quantize(plain, spec) * g).sum().backward()
+        assert not torch.allclose(plain.grad, x.grad)  # without it, only the straight-through part
+    q = QuantLinear(32, 8, False, None, NAMED_SPECS["nvfp4"].with_(dynamic=True))  # a layer's dynamic inputs
+    torch.nn.init.normal_(q.weight)
+    grads = []
+    assert q.scale_grad  # on unless turned off
+    for q.scale_grad in (False, True):
+        x = torch.randn(4, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        q(x).sum().backward()
+        grads.append(x.grad)
+    assert not torch.allclose(*grads)
 
 
 def test_lsq_forward_uses_the_stored_scale_encoding():
@@ -273,7 +308,7 @@ def test_cli_qat_and_qad(tmp_path, tiny_model_dir, capsys):
     common = ["--tokens", "1024", "--seq-len", "64", "--batch-size", "4", "--micro-batch", "2", "--no-bf16",
               "--eval-every", "2", "--eval-tokens", "256"]
     assert main(["qat", str(tiny_model_dir), "--recipe", "w4a16_rtn_g64", "--out", str(tmp_path / "qat"),
-                 "--learn-scales", *common]) == 0
+                 "--learn-scales", "--no-scale-grad", *common]) == 0
     assert main(["qad", str(tiny_model_dir), "--recipe", "nvfp4", "--out", str(tmp_path / "qad"), "--topk", "8",
                  "--data", "generated:pydoc", *common]) == 0
     out = capsys.readouterr().out
@@ -284,6 +319,8 @@ def test_cli_qat_and_qad(tmp_path, tiny_model_dir, capsys):
         history = json.loads((tmp_path / name / "training.json").read_text())["history"]
         assert any("eval_loss" in h for h in history)
         assert (tmp_path / name / "eval.json").is_file()
+    for name, scale_grad in (("qat", False), ("qad", True)):  # recorded: a resumed run must match it
+        assert json.loads((tmp_path / name / "training.json").read_text())["scale_grad"] is scale_grad
     assert not (tmp_path / "qat.work").exists()  # finished: checkpoint gone
     assert (tmp_path / "qad.work" / "teacher_topk.safetensors").is_file()  # the caches stay for reruns
     assert (tmp_path / "qad.work" / "generated.safetensors").is_file()

@@ -272,35 +272,59 @@ def quant_dequant(x: torch.Tensor, spec: QuantSpec, qp: QParams | None = None) -
 
 
 class _FakeQuantSTE(torch.autograd.Function):
-    """Straight-through estimator: quantized forward, identity gradient inside the clipping range."""
+    """Straight-through estimator: quantized forward, identity gradient inside the clipping range.
+
+    With `scale_grad` (symmetric formats whose scales were computed from `x` itself: dynamic
+    activations, RTN weights) the gradient also follows each block's scale back to the block's
+    largest magnitude, which sets it (LSQ's scale gradient, straight through the scale's own rounding):
+    ``dL/d amax_b = sum_i g_i (y_i - x_i) / amax_b`` (``y_i`` alone for a clipped value). Plain STE
+    treats the scale as a constant, so it cannot see that shrinking a block's outlier makes the
+    block's other values round more finely.
+    """
 
     @staticmethod
-    def forward(ctx, x, spec, qp):
+    def forward(ctx, x, spec, qp, scale_grad):
         y = quant_dequant(x, spec, qp)
+        xb = to_blocks(x.detach().float(), spec.block_size)
         if spec.symmetric:
-            xb = to_blocks(x.detach().float(), spec.block_size)
             # |x| / range <= s rather than |x| <= s * range: s = amax / range, and s * range can round below amax.
             inside = xb.abs() / spec.element.range <= effective_scale(qp)
         else:
             # Codes outside [0, qmax] by more than rounding (half a step) are clipped.
-            xb = to_blocks(x.detach().float(), spec.block_size)
             code = xb / effective_scale(qp) + qp.zero
             inside = (code >= -0.5) & (code <= 2**spec.element.bits - 0.5)
-        ctx.save_for_backward(from_blocks(inside, x.shape))
+        ctx.scale_grad = scale_grad and spec.symmetric
+        ctx.shape, ctx.block_size = x.shape, spec.block_size
+        if ctx.scale_grad:
+            amax, top = xb.abs().max(dim=-1, keepdim=True)
+            # d y_i / d s is (y_i - x_i) / s inside the range and y_i / s where clipped (LSQ); d s / d amax = s / amax
+            residue = (to_blocks(y.detach().float(), spec.block_size) - xb * inside) / amax.clamp(min=1e-30)
+            ctx.save_for_backward(inside, residue, top, torch.sign(xb.gather(-1, top)))
+        else:
+            ctx.save_for_backward(inside)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        (inside,) = ctx.saved_tensors
-        return grad * inside, None, None
+        if not ctx.scale_grad:
+            (inside,) = ctx.saved_tensors
+            return grad * from_blocks(inside, ctx.shape), None, None, None
+        inside, residue, top, sign = ctx.saved_tensors
+        gb = to_blocks(grad.float(), ctx.block_size)
+        through_scale = (gb * residue).sum(dim=-1, keepdim=True) * sign
+        gx = (gb * inside).scatter_add_(-1, top, through_scale)
+        return from_blocks(gx, ctx.shape).to(grad.dtype), None, None, None
 
 
-def fake_quantize(x: torch.Tensor, spec: QuantSpec, qp: QParams | None = None) -> torch.Tensor:
-    """Quantize-dequantize with straight-through gradients (for calibration-free forward and QAT)."""
+def fake_quantize(x: torch.Tensor, spec: QuantSpec, qp: QParams | None = None,
+                  scale_grad: bool = False) -> torch.Tensor:
+    """Quantize-dequantize with straight-through gradients (for calibration-free forward and QAT).
+    `scale_grad`: when the scales come from `x` (no `qp`), gradients also reach them (see `_FakeQuantSTE`)."""
+    own = qp is None
     qp = qp or compute_qparams(x, spec)
     if not (torch.is_grad_enabled() and x.requires_grad):  # no backward: skip the clipping mask
         return quant_dequant(x, spec, qp)
-    return _FakeQuantSTE.apply(x, spec, qp)
+    return _FakeQuantSTE.apply(x, spec, qp, scale_grad and own)
 
 
 def fake_quantize_lsq(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,7 @@ class QuantLinear(nn.Module):
         self.keep_codes = False  # a tied embedding reads rows of the codes: packing keeps them
         self.bypass = False  # plain float forward (capturing calibration inputs and statistics)
         self.observers: dict | None = None  # {"input"/"output": RangeObserver} while calibrating ranges
+        self.scale_grad = True  # training: gradients reach dynamic activation scales too (see `fake_quantize`)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_spec: QuantSpec | None, input_spec: QuantSpec | None = None,
@@ -306,13 +307,12 @@ class QuantLinear(nn.Module):
         if self.observers is not None and kind in self.observers:
             self.observers[kind].observe(x)
             return x
-        qp = None
-        if not spec.dynamic:
-            amax = getattr(self, f"{kind}_amax")
-            if amax is None:
-                raise RuntimeError(f"static {kind} quantizer is not calibrated: pass calibration data to quantize()")
-            qp = compute_qparams(x, spec, amax=amax)
-        return fake_quantize(x, spec, qp)
+        if spec.dynamic:
+            return fake_quantize(x, spec, scale_grad=self.scale_grad)
+        amax = getattr(self, f"{kind}_amax")
+        if amax is None:
+            raise RuntimeError(f"static {kind} quantizer is not calibrated: pass calibration data to quantize()")
+        return fake_quantize(x, spec, compute_qparams(x, spec, amax=amax))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypass:

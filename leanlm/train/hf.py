@@ -1,7 +1,8 @@
 """Hugging Face `Trainer` integration: drop leanlm's QAT / QAD into an existing training script.
 
 QAT needs no special trainer: quantize with ``freeze=False`` (fake-quantized weights with straight-
-through gradients are ordinary parameters), train with any `Trainer`, then `leanlm.freeze_model` and
+through gradients are ordinary parameters; gradients reach dynamic activation scales too, unless a
+layer's `scale_grad` is turned off), train with any `Trainer`, then `leanlm.freeze_model` and
 `leanlm.save`. QAD and distillation add a frozen teacher: `DistillationTrainer` computes the KL on
 logits (plus the optional next-token term) in `compute_loss`, and keeps the teacher on the device.
 """

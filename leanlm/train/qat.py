@@ -2,8 +2,8 @@
 
 Both quantize with a recipe (same presets, same quantizers, same calibration as PTQ) but keep the
 weights float and fake-quantized, train them through straight-through gradients (optionally the
-per-block scales too, LSQ), then freeze them into codes: the result saves, loads and exports exactly
-like a PTQ result.
+per-block scales too, LSQ; gradients reach dynamic activation scales as well, `scale_grad`), then
+freeze them into codes: the result saves, loads and exports exactly like a PTQ result.
 """
 
 from __future__ import annotations
@@ -67,14 +67,15 @@ def training_sequences(tokenizer, source: str, config: TrainConfig, model=None,
     return data
 
 
-def _prepare(model, recipe, data, calib, learn_scales: bool, progress: bool):
+def _prepare(model, recipe, data, calib, learn_scales: bool, scale_grad: bool, progress: bool):
     recipe = get_recipe(recipe)
     if calib is None and recipe.needs_data:
         calib = data[:CALIB_SEQUENCES]
     quantize(model, recipe, calib=calib, progress=progress, freeze=False)
-    if learn_scales:
-        for q in model.modules():
-            if isinstance(q, QuantLinear):
+    for q in model.modules():
+        if isinstance(q, QuantLinear):
+            q.scale_grad = scale_grad
+            if learn_scales:
                 if q.weight_spec is not None and not q.weight_spec.symmetric:
                     raise LeanLMError(f"learned scales need symmetric weight formats; recipe '{recipe.name}' has "
                                       f"{q.weight_spec.format} asymmetric: drop learn_scales")
@@ -93,32 +94,37 @@ def _finish(model, history, config, planned, started, kind, extra):
 
 def qat(model: nn.Module, recipe, train_data: torch.Tensor, calib=None, config: TrainConfig | None = None,
         learn_scales: bool = False, train_embeddings: bool = False, work: str | Path | None = None,
-        eval_data: torch.Tensor | None = None, progress: bool = True, on_step=None) -> nn.Module:
+        eval_data: torch.Tensor | None = None, progress: bool = True, on_step=None,
+        scale_grad: bool = True) -> nn.Module:
     """Quantization-aware training: PTQ-calibrate `model` by `recipe`, fine-tune it fake-quantized on
-    its own next-token loss over `train_data` [N, L], freeze. Resumable through `work`."""
+    its own next-token loss over `train_data` [N, L], freeze. Resumable through `work`.
+
+    `learn_scales` trains the weights' block scales (LSQ). `scale_grad` lets gradients reach dynamic
+    activation scales through each block's largest value (`fake_quantize`); plain straight-through
+    gradients treat them as constants (on SmolLM2 NVFP4 QAD: ~7% lower KL on unseen batches)."""
     cfg = config or TrainConfig()
     started = time.perf_counter()
-    recipe = _prepare(model, recipe, train_data, calib, learn_scales, progress)
+    recipe = _prepare(model, recipe, train_data, calib, learn_scales, scale_grad, progress)
     params = trainable_parameters(model, train_embeddings)
+    extra = {"recipe": recipe.name, "learn_scales": learn_scales, "scale_grad": scale_grad}
     history = train(model, params, train_data, ce_loss_fn, cfg, work, eval_data, progress, f"QAT ({recipe.name})",
-                    on_step, settings={"method": "qat", "recipe": recipe.name, "learn_scales": learn_scales})
-    return _finish(model, history, cfg, cfg.steps(len(train_data)), started, "qat",
-                   {"recipe": recipe.name, "learn_scales": learn_scales})
+                    on_step, settings={"method": "qat", **extra})
+    return _finish(model, history, cfg, cfg.steps(len(train_data)), started, "qat", extra)
 
 
 def qad(student: nn.Module, teacher: nn.Module, recipe, train_data: torch.Tensor, calib=None,
         config: TrainConfig | None = None, distill: DistillConfig | None = None, learn_scales: bool = False,
         train_embeddings: bool = False, work: str | Path | None = None, eval_data: torch.Tensor | None = None,
-        progress: bool = True, on_step=None) -> nn.Module:
+        progress: bool = True, on_step=None, scale_grad: bool = True) -> nn.Module:
     """Quantization-aware distillation: like `qat`, but the fake-quantized student learns to match the
     frozen full-precision `teacher` (KL on logits, optional hidden-state and next-token terms)."""
     cfg, dcfg = config or TrainConfig(), distill or DistillConfig()
     if student is teacher:
         raise LeanLMError("the teacher must be a separate float copy of the model: load it again")
     started = time.perf_counter()
-    recipe = _prepare(student, recipe, train_data, calib, learn_scales, progress)
+    recipe = _prepare(student, recipe, train_data, calib, learn_scales, scale_grad, progress)
+    extra = {"recipe": recipe.name, "learn_scales": learn_scales, "scale_grad": scale_grad}
     distill_model(student, teacher, train_data, cfg, dcfg, work, eval_data, train_embeddings, progress, on_step,
-                  f"QAD ({recipe.name})", {"method": "qad", "recipe": recipe.name, "learn_scales": learn_scales})
+                  f"QAD ({recipe.name})", {"method": "qad", **extra})
     history = student.leanlm_training["history"]
-    return _finish(student, history, cfg, cfg.steps(len(train_data)), started, "qad",
-                   {"recipe": recipe.name, "learn_scales": learn_scales, "distill": asdict(dcfg)})
+    return _finish(student, history, cfg, cfg.steps(len(train_data)), started, "qad", {**extra, "distill": asdict(dcfg)})
