@@ -166,7 +166,8 @@ def main() -> None:
             work = WORK / f"{args.model}_{recipe}_{method}"
             t = time.perf_counter()
             if method == "qat":
-                qat(m, recipe, data, config=cfg, learn_scales=args.learn_scales, work=work, scale_grad=not args.no_scale_grad)
+                qat(m, recipe, data, config=cfg, learn_scales=args.learn_scales, work=work,
+                    scale_grad=not args.no_scale_grad)
             else:
                 qad(m, copy.deepcopy(base), recipe, data, config=cfg, distill=dcfg, learn_scales=args.learn_scales,
                     work=work, scale_grad=not args.no_scale_grad)

@@ -287,8 +287,9 @@ class _FakeQuantSTE(torch.autograd.Function):
         y = quant_dequant(x, spec, qp)
         xb = to_blocks(x.detach().float(), spec.block_size)
         if spec.symmetric:
+            mag = xb.abs()
             # |x| / range <= s rather than |x| <= s * range: s = amax / range, and s * range can round below amax.
-            inside = xb.abs() / spec.element.range <= effective_scale(qp)
+            inside = mag / spec.element.range <= effective_scale(qp)
         else:
             # Codes outside [0, qmax] by more than rounding (half a step) are clipped.
             code = xb / effective_scale(qp) + qp.zero
@@ -296,7 +297,7 @@ class _FakeQuantSTE(torch.autograd.Function):
         ctx.scale_grad = scale_grad and spec.symmetric
         ctx.shape, ctx.block_size = x.shape, spec.block_size
         if ctx.scale_grad:
-            amax, top = xb.abs().max(dim=-1, keepdim=True)
+            amax, top = mag.max(dim=-1, keepdim=True)
             # d y_i / d s is (y_i - x_i) / s inside the range and y_i / s where clipped (LSQ); d s / d amax = s / amax
             residue = (to_blocks(y.detach().float(), spec.block_size) - xb * inside) / amax.clamp(min=1e-30)
             ctx.save_for_backward(inside, residue, top, torch.sign(xb.gather(-1, top)))
