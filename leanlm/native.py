@@ -2,8 +2,9 @@
 
 `rows_linear(x, w)`: a product of a few rows (2..16) with a float32 or bf16 weight that reads the
 weight once; what verifying k drafted tokens in one step needs (see leanlm/csrc/rows_linear.cpp).
-If the kernel cannot be built (no compiler), callers fall back to the generic paths, with one
-warning.
+`fake_quant_module()`: fused fake quantization (forward and backward) for QAT/QAD on CPUs
+(leanlm/csrc/fake_quant.cpp). If a kernel cannot be built (no compiler), callers fall back to the
+generic paths, with one warning.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "rows_linear.cpp"
 DECODE_SOURCE = Path(__file__).parent / "csrc" / "decode_step.cpp"
+FAKE_QUANT_SOURCE = Path(__file__).parent / "csrc" / "fake_quant.cpp"
 
 
 ROWS_LINEAR = False  # set by rows_linear_available(); compiled code reads this flag, never builds
@@ -75,3 +77,14 @@ def decode_step_module():
     if not mod.available():
         return "the native decode step needs a CPU with AVX512-BF16"
     return mod
+
+
+@functools.cache
+def fake_quant_module():
+    """The compiled fused fake-quantization extension, or None (no compiler: PyTorch ops serve, slower)."""
+    try:
+        return _build("leanlm_fake_quant", FAKE_QUANT_SOURCE, python_module=True)
+    except Exception as e:  # noqa: BLE001 - a missing compiler or toolchain: fall back, say so once
+        warnings.warn(f"leanlm's fused fake-quantization kernel could not be built ({_why(e)}); QAT and QAD "
+                      "fake-quantize with PyTorch ops (slower)", stacklevel=2)
+        return None

@@ -412,3 +412,40 @@ def test_invalid_specs_raise(kwargs):
 def test_with_revalidates():
     with pytest.raises(LeanLMError):
         NAMED_SPECS["int4"].with_(format="nope")
+
+
+@pytest.mark.parametrize("spec", [NAMED_SPECS["nvfp4"], NAMED_SPECS["nvfp4"].with_(dynamic=True),
+                                  QuantSpec("int4", block_size=64), QuantSpec("int8"), QuantSpec("int4", block_size=-1)],
+                         ids=["nvfp4", "nvfp4-dynamic", "int4-g64", "int8-row", "int4-row"])
+def test_fused_kernel_gives_the_bits_of_the_pytorch_ops(spec, monkeypatch):
+    """The native fake-quantization kernel against the PyTorch ops it replaces: the same values, and
+    gradients (plain straight-through and through the scales) equal up to summation order."""
+    from leanlm.native import fake_quant_module
+    from leanlm.quant import formats
+
+    assert fake_quant_module() is not None  # a C++ compiler is part of the test environment
+    g = torch.Generator().manual_seed(0)
+    # Channels of very different sizes (E4M3 block scales from subnormal to large), a zero block, an outlier.
+    x = torch.randn(48, 256, generator=g) * torch.rand(256, generator=g) ** 6 * 20
+    x[1, :64] = 0.0
+    x[2, 5] = 300.0
+    grad = torch.randn(48, 256, generator=g)
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(formats, "FUSED_KERNEL", fused)
+        assert (formats._fused_format(x, spec) is not None) == fused
+        for scale_grad in (False, True):
+            xx = x.clone().requires_grad_(True)
+            y = fake_quantize(xx, spec, scale_grad=scale_grad)
+            y.backward(grad)
+            results[fused, scale_grad] = y.detach(), xx.grad
+        results[fused, "no_grad"] = quant_dequant(x, spec)
+    for scale_grad in (False, True):
+        (y1, g1), (y0, g0) = results[True, scale_grad], results[False, scale_grad]
+        assert_exact(y1, y0)
+        if scale_grad:
+            torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-5)
+        else:
+            assert_exact(g1, g0)
+    assert_exact(results[True, "no_grad"], results[False, "no_grad"])
+    assert not torch.equal(results[True, True][1], results[True, False][1])  # the scale term is there

@@ -45,19 +45,20 @@ def test_lsq_gradients_match_the_formula():
     assert torch.allclose(s.grad.reshape(()), torch.tensor(lsq / (4 * 7.5) ** 0.5))
 
 
-def test_scale_gradients_match_autograd_through_the_scale():
+@pytest.mark.parametrize("width", [20, 32])  # 20: partial blocks (PyTorch ops); 32: the fused kernel where it applies
+def test_scale_gradients_match_autograd_through_the_scale(width):
     from leanlm.quant.formats import from_blocks, round_to_format, to_blocks
 
     torch.manual_seed(0)
     for spec in (NAMED_SPECS["nvfp4"], QuantSpec("int4", block_size=8), QuantSpec("int8", block_size=-1),
                  QuantSpec("int4", block_size=0)):
-        x = torch.randn(3, 20, requires_grad=True)
-        g = torch.randn(3, 20)
+        x = torch.randn(3, width, requires_grad=True)
+        g = torch.randn(3, width)
         (fake_quantize(x, spec, scale_grad=True) * g).sum().backward()
         # Reference: scale = amax * (stored scale / amax) (straight through the scale's rounding), values
         # straight through their rounding inside the range and constant (+-range) where clipped.
         ref = x.detach().clone().requires_grad_(True)
-        xb = to_blocks(ref, spec.block_size)
+        xb = to_blocks(ref, spec.block_size)  # (zero padding of partial blocks: its gradient is dropped)
         amax = xb.abs().amax(-1, keepdim=True)
         s = amax * (effective_scale(compute_qparams(ref.detach(), spec)) / amax).detach()
         v = xb / s

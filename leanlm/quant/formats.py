@@ -266,9 +266,56 @@ def dequantize_blocks(q: torch.Tensor, spec: QuantSpec, qp: QParams, shape: torc
 
 def quant_dequant(x: torch.Tensor, spec: QuantSpec, qp: QParams | None = None) -> torch.Tensor:
     """Round trip through the format (no gradient semantics; see `fake_quantize`)."""
+    if qp is None and (args := _fused_format(x, spec)) is not None:
+        return _kernel().forward(x.contiguous(), *args)
     qp = qp or compute_qparams(x, spec)
     q = quantize_blocks(x, spec, qp)  # a fresh tensor: dequantized in place
     return dequantize_blocks(q, spec, qp, x.shape, inplace=True).to(x.dtype)
+
+
+# The fused native kernel (leanlm/csrc/fake_quant.cpp) serves where it applies: the same bits as the
+# PyTorch ops below, several times faster on CPUs. False: PyTorch ops everywhere (tests compare the two).
+FUSED_KERNEL = True
+
+
+def _kernel():
+    from ..native import fake_quant_module
+
+    return fake_quant_module()
+
+
+def _fused_format(x: torch.Tensor, spec: QuantSpec) -> tuple | None:
+    """The kernel's arguments (block, range, integer max or 0 for E2M1, tensor scale or 0) for quantizing
+    `x` with scales taken from itself, or None where it does not apply (it takes contiguous-able float32
+    CPU tensors, symmetric E2M1 or integer elements, fp32 or NVFP4 scales, blocks dividing the last dim)."""
+    fmt = spec.element
+    if (not FUSED_KERNEL or x.dtype != torch.float32 or x.device.type != "cpu" or not spec.symmetric
+            or spec.block_size == 0 or spec.scale_format not in ("fp32", "e4m3") or x.numel() == 0
+            or not (fmt.kind == "int" or fmt.name == "fp4_e2m1")):
+        return None
+    block = x.shape[-1] if spec.block_size == -1 else spec.block_size
+    if x.shape[-1] % block or _kernel() is None:
+        return None
+    gscale = 0.0
+    if spec.scale_format == "e4m3":  # as `compute_qparams`: the largest block scale onto E4M3's range
+        gscale = float((x.detach().abs().amax() / fmt.range / E4M3_MAX).clamp(min=1e-12))
+    return block, fmt.range, fmt.max if fmt.kind == "int" else 0.0, gscale
+
+
+class _FusedFakeQuant(torch.autograd.Function):
+    """`_FakeQuantSTE` for scales taken from `x`, in the native kernel; the backward recomputes from `x`."""
+
+    @staticmethod
+    def forward(ctx, x, args, scale_grad):
+        ctx.args, ctx.scale_grad = args, scale_grad
+        ctx.save_for_backward(x)
+        return _kernel().forward(x.contiguous(), *args)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        gx = _kernel().backward(grad.float().contiguous(), x.contiguous(), *ctx.args, ctx.scale_grad)
+        return gx.to(grad.dtype), None, None
 
 
 class _FakeQuantSTE(torch.autograd.Function):
@@ -321,11 +368,12 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, qp: QParams | None = None,
                   scale_grad: bool = False) -> torch.Tensor:
     """Quantize-dequantize with straight-through gradients (for calibration-free forward and QAT).
     `scale_grad`: when the scales come from `x` (no `qp`), gradients also reach them (see `_FakeQuantSTE`)."""
-    own = qp is None
-    qp = qp or compute_qparams(x, spec)
     if not (torch.is_grad_enabled() and x.requires_grad):  # no backward: skip the clipping mask
         return quant_dequant(x, spec, qp)
-    return _FakeQuantSTE.apply(x, spec, qp, scale_grad and own)
+    if qp is None and (args := _fused_format(x, spec)) is not None:
+        return _FusedFakeQuant.apply(x, args, scale_grad)
+    own = qp is None
+    return _FakeQuantSTE.apply(x, spec, qp or compute_qparams(x, spec), scale_grad and own)
 
 
 def fake_quantize_lsq(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor) -> torch.Tensor:
