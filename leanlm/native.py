@@ -79,11 +79,16 @@ def decode_step_module():
     return mod
 
 
+FAKE_QUANT = None  # the fake-quantization extension once `fake_quant_module()` has built it
+
+
 @functools.cache
 def fake_quant_module():
     """The compiled fused fake-quantization extension, or None (no compiler: PyTorch ops serve, slower)."""
+    global FAKE_QUANT
     try:
-        return _build("leanlm_fake_quant", FAKE_QUANT_SOURCE, python_module=True)
+        FAKE_QUANT = _build("leanlm_fake_quant", FAKE_QUANT_SOURCE, python_module=True)
+        return FAKE_QUANT
     except Exception as e:  # noqa: BLE001 - a missing compiler or toolchain: fall back, say so once
         warnings.warn(f"leanlm's fused fake-quantization kernel could not be built ({_why(e)}); QAT and QAD "
                       "fake-quantize with PyTorch ops (slower)", stacklevel=2)

@@ -266,7 +266,7 @@ def dequantize_blocks(q: torch.Tensor, spec: QuantSpec, qp: QParams, shape: torc
 
 def quant_dequant(x: torch.Tensor, spec: QuantSpec, qp: QParams | None = None) -> torch.Tensor:
     """Round trip through the format (no gradient semantics; see `fake_quantize`)."""
-    if qp is None and (args := _fused_format(x, spec)) is not None:
+    if qp is None and (args := _fused_format(x, spec, build=False)) is not None:
         return _kernel().forward(x.contiguous(), *args)
     qp = qp or compute_qparams(x, spec)
     q = quantize_blocks(x, spec, qp)  # a fresh tensor: dequantized in place
@@ -279,15 +279,21 @@ FUSED_KERNEL = True
 
 
 def _kernel():
-    from ..native import fake_quant_module
+    from .. import native
 
-    return fake_quant_module()
+    return native.FAKE_QUANT or native.fake_quant_module()
 
 
-def _fused_format(x: torch.Tensor, spec: QuantSpec) -> tuple | None:
+def _fused_format(x: torch.Tensor, spec: QuantSpec, build: bool = True) -> tuple | None:
     """The kernel's arguments (block, range, integer max or 0 for E2M1, tensor scale or 0) for quantizing
     `x` with scales taken from itself, or None where it does not apply (it takes contiguous-able float32
-    CPU tensors, symmetric E2M1 or integer elements, fp32 or NVFP4 scales, blocks dividing the last dim)."""
+    CPU tensors, symmetric E2M1 or integer elements, fp32 or NVFP4 scales, blocks dividing the last dim).
+    Without `build`, only a kernel already built serves: training builds it (a minute, once per machine),
+    one-off PTQ passes do not wait for that."""
+    from .. import native
+
+    if not build and native.FAKE_QUANT is None:
+        return None
     fmt = spec.element
     if (not FUSED_KERNEL or x.dtype != torch.float32 or x.device.type != "cpu" or not spec.symmetric
             or spec.block_size == 0 or spec.scale_format not in ("fp32", "e4m3") or x.numel() == 0
