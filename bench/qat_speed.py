@@ -5,7 +5,8 @@
 
 One training micro-batch (forward, loss, backward; the embeddings frozen as `qat` leaves them) of the
 PTQ-initialised fake-quant model, timed with the kernel and without (`formats.FUSED_KERNEL`) in
-alternation within one process, so both see the same machine state; the median of `--reps` each.
+alternation within one process (which goes first alternates too), so both see the same machine
+state; the median of `--reps` each.
 The float model's step is the floor. Writes a table to stdout and JSON to bench/results/qat_speed.json.
 """
 
@@ -68,8 +69,8 @@ def main() -> None:
         _prepare(model, recipe, data, None, learn_scales=False, scale_grad=True, progress=False)
         trainable_parameters(model)
         times = {True: [], False: []}
-        for _ in range(args.reps + 1):  # the first round warms up
-            for fused in (True, False):
+        for rnd in range(args.reps + 1):  # the first round warms up; the order alternates
+            for fused in ((True, False) if rnd % 2 else (False, True)):
                 formats.FUSED_KERNEL = fused
                 times[fused].append(step(model))
         formats.FUSED_KERNEL = True

@@ -449,3 +449,22 @@ def test_fused_kernel_gives_the_bits_of_the_pytorch_ops(spec, monkeypatch):
             assert_exact(g1, g0)
     assert_exact(results[True, "no_grad"], results[False, "no_grad"])
     assert not torch.equal(results[True, True][1], results[True, False][1])  # the scale term is there
+
+
+def test_fused_kernel_takes_bf16_as_the_ops_do(monkeypatch):
+    """bf16 inputs (autocast training) are quantized in float32 and the result cast back, as by the ops."""
+    from leanlm.quant import formats
+
+    x = (torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) * 3).bfloat16()
+    spec = NAMED_SPECS["nvfp4"].with_(dynamic=True)
+    out = {}
+    for fused in (True, False):
+        monkeypatch.setattr(formats, "FUSED_KERNEL", fused)
+        xx = x.clone().requires_grad_(True)
+        y = fake_quantize(xx, spec, scale_grad=True)
+        y.float().sum().backward()
+        out[fused] = y, xx.grad
+    assert out[True][0].dtype == out[True][1].dtype == torch.bfloat16
+    assert_exact(out[True][0], out[False][0])
+    # The ops take the scale term from y already rounded to bf16; the kernel from float32 y.
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=2e-2, atol=2e-2)

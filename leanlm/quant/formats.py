@@ -267,7 +267,7 @@ def dequantize_blocks(q: torch.Tensor, spec: QuantSpec, qp: QParams, shape: torc
 def quant_dequant(x: torch.Tensor, spec: QuantSpec, qp: QParams | None = None) -> torch.Tensor:
     """Round trip through the format (no gradient semantics; see `fake_quantize`)."""
     if qp is None and (args := _fused_format(x, spec, build=False)) is not None:
-        return _kernel().forward(x.contiguous(), *args)
+        return _kernel().forward(x.float().contiguous(), *args).to(x.dtype)
     qp = qp or compute_qparams(x, spec)
     q = quantize_blocks(x, spec, qp)  # a fresh tensor: dequantized in place
     return dequantize_blocks(q, spec, qp, x.shape, inplace=True).to(x.dtype)
@@ -286,8 +286,9 @@ def _kernel():
 
 def _fused_format(x: torch.Tensor, spec: QuantSpec, build: bool = True) -> tuple | None:
     """The kernel's arguments (block, range, integer max or 0 for E2M1, tensor scale or 0) for quantizing
-    `x` with scales taken from itself, or None where it does not apply (it takes contiguous-able float32
-    CPU tensors, symmetric E2M1 or integer elements, fp32 or NVFP4 scales, blocks dividing the last dim).
+    `x` with scales taken from itself, or None where it does not apply (it takes CPU tensors, computing in
+    float32 as the ops do; symmetric E2M1 or integer elements, fp32 or NVFP4 scales, blocks dividing the
+    last dim).
     Without `build`, only a kernel already built serves: training builds it (a minute, once per machine),
     one-off PTQ passes do not wait for that."""
     from .. import native
@@ -295,7 +296,7 @@ def _fused_format(x: torch.Tensor, spec: QuantSpec, build: bool = True) -> tuple
     if not build and native.FAKE_QUANT is None:
         return None
     fmt = spec.element
-    if (not FUSED_KERNEL or x.dtype != torch.float32 or x.device.type != "cpu" or not spec.symmetric
+    if (not FUSED_KERNEL or not x.is_floating_point() or x.device.type != "cpu" or not spec.symmetric
             or spec.block_size == 0 or spec.scale_format not in ("fp32", "e4m3") or x.numel() == 0
             or not (fmt.kind == "int" or fmt.name == "fp4_e2m1")):
         return None
@@ -304,7 +305,7 @@ def _fused_format(x: torch.Tensor, spec: QuantSpec, build: bool = True) -> tuple
         return None
     gscale = 0.0
     if spec.scale_format == "e4m3":  # as `compute_qparams`: the largest block scale onto E4M3's range
-        gscale = float((x.detach().abs().amax() / fmt.range / E4M3_MAX).clamp(min=1e-12))
+        gscale = float((x.detach().abs().amax().float() / fmt.range / E4M3_MAX).clamp(min=1e-12))
     return block, fmt.range, fmt.max if fmt.kind == "int" else 0.0, gscale
 
 
@@ -315,12 +316,12 @@ class _FusedFakeQuant(torch.autograd.Function):
     def forward(ctx, x, args, scale_grad):
         ctx.args, ctx.scale_grad = args, scale_grad
         ctx.save_for_backward(x)
-        return _kernel().forward(x.contiguous(), *args)
+        return _kernel().forward(x.float().contiguous(), *args).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        gx = _kernel().backward(grad.float().contiguous(), x.contiguous(), *ctx.args, ctx.scale_grad)
+        gx = _kernel().backward(grad.float().contiguous(), x.float().contiguous(), *ctx.args, ctx.scale_grad)
         return gx.to(grad.dtype), None, None
 
 
