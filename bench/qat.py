@@ -199,4 +199,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from leanlm.errors import LeanLMError
+
+    try:
+        main()
+    except LeanLMError as e:  # bad input (e.g. a work folder left by a run with other settings): one line
+        sys.exit(f"bench/qat.py: error: {e}")
