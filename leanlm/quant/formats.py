@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .. import native
 from ..errors import LeanLMError
 
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -206,7 +207,7 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None 
         if spec.scale_format == "e4m3":
             # Two levels (NVFP4): an fp32 tensor scale maps the largest block scale onto E4M3's range.
             top = scale.amax() if global_amax is None else global_amax.float() / fmt.max
-            gscale = (top / E4M3_MAX).clamp(min=1e-12)
+            gscale = _tensor_scale(top)
             # Floor at E4M3's smallest subnormal (2^-9): a zero (or underflowing) block must not get a 0 scale.
             bscale = round_scale_e4m3((scale / gscale).clamp(min=2.0**-9))
             return QParams(bscale, global_scale=gscale)
@@ -220,6 +221,11 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None 
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.round(-lo / scale).clamp(0, qmax)
     return QParams(scale, zero=zero)
+
+
+def _tensor_scale(top: torch.Tensor) -> torch.Tensor:
+    """NVFP4's fp32 per-tensor scale: maps the largest block scale `top` onto E4M3's range."""
+    return (top / E4M3_MAX).clamp(min=1e-12)
 
 
 def _stored(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -267,7 +273,7 @@ def dequantize_blocks(q: torch.Tensor, spec: QuantSpec, qp: QParams, shape: torc
 def quant_dequant(x: torch.Tensor, spec: QuantSpec, qp: QParams | None = None) -> torch.Tensor:
     """Round trip through the format (no gradient semantics; see `fake_quantize`)."""
     if qp is None and (args := _fused_format(x, spec, build=False)) is not None:
-        return _kernel().forward(x.float().contiguous(), *args).to(x.dtype)
+        return _fused_forward(x, args)
     qp = qp or compute_qparams(x, spec)
     q = quantize_blocks(x, spec, qp)  # a fresh tensor: dequantized in place
     return dequantize_blocks(q, spec, qp, x.shape, inplace=True).to(x.dtype)
@@ -279,9 +285,7 @@ FUSED_KERNEL = True
 
 
 def _kernel():
-    from .. import native
-
-    return native.FAKE_QUANT or native.fake_quant_module()
+    return native.fake_quant_module()
 
 
 def _fused_format(x: torch.Tensor, spec: QuantSpec, build: bool = True) -> tuple | None:
@@ -291,8 +295,6 @@ def _fused_format(x: torch.Tensor, spec: QuantSpec, build: bool = True) -> tuple
     last dim).
     Without `build`, only a kernel already built serves: training builds it (a minute, once per machine),
     one-off PTQ passes do not wait for that."""
-    from .. import native
-
     if not build and native.FAKE_QUANT is None:
         return None
     fmt = spec.element
@@ -304,9 +306,14 @@ def _fused_format(x: torch.Tensor, spec: QuantSpec, build: bool = True) -> tuple
     if x.shape[-1] % block or _kernel() is None:
         return None
     gscale = 0.0
-    if spec.scale_format == "e4m3":  # as `compute_qparams`: the largest block scale onto E4M3's range
-        gscale = float((x.detach().abs().amax().float() / fmt.range / E4M3_MAX).clamp(min=1e-12))
+    if spec.scale_format == "e4m3":  # as `compute_qparams`; max |x| from one pass that allocates nothing
+        lo, hi = x.detach().aminmax()
+        gscale = float(_tensor_scale(torch.maximum(hi, -lo).float() / fmt.range))
     return block, fmt.range, fmt.max if fmt.kind == "int" else 0.0, gscale
+
+
+def _fused_forward(x: torch.Tensor, args: tuple) -> torch.Tensor:
+    return _kernel().forward(x.float().contiguous(), *args).to(x.dtype)
 
 
 class _FusedFakeQuant(torch.autograd.Function):
@@ -316,7 +323,7 @@ class _FusedFakeQuant(torch.autograd.Function):
     def forward(ctx, x, args, scale_grad):
         ctx.args, ctx.scale_grad = args, scale_grad
         ctx.save_for_backward(x)
-        return _kernel().forward(x.float().contiguous(), *args).to(x.dtype)
+        return _fused_forward(x, args)
 
     @staticmethod
     def backward(ctx, grad):

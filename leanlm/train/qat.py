@@ -101,7 +101,7 @@ def qat(model: nn.Module, recipe, train_data: torch.Tensor, calib=None, config: 
 
     `learn_scales` trains the weights' block scales (LSQ). `scale_grad` lets gradients reach dynamic
     activation scales through each block's largest value (`fake_quantize`); plain straight-through
-    gradients treat them as constants (on SmolLM2 NVFP4 QAD: ~7% lower KL on unseen batches)."""
+    gradients treat them as constants (on SmolLM2 NVFP4, 16k tokens: QAD's KL on unseen batches 2-5% lower)."""
     cfg = config or TrainConfig()
     started = time.perf_counter()
     recipe = _prepare(model, recipe, train_data, calib, learn_scales, scale_grad, progress)
