@@ -272,4 +272,6 @@ def format_table(name: str, bws: list[float], rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from entry import run_script  # bench/ is first on sys.path when run as a script
+
+    run_script(main)

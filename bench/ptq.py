@@ -203,4 +203,6 @@ def format_rows(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from entry import run_script  # bench/ is first on sys.path when run as a script
+
+    run_script(main)

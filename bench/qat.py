@@ -199,9 +199,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from leanlm.errors import LeanLMError
+    from entry import run_script  # bench/ is first on sys.path when run as a script
 
-    try:
-        main()
-    except LeanLMError as e:  # bad input (e.g. a work folder left by a run with other settings): one line
-        sys.exit(f"bench/qat.py: error: {e}")
+    run_script(main)

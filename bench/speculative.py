@@ -162,4 +162,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from entry import run_script  # bench/ is first on sys.path when run as a script
+
+    run_script(main)
