@@ -97,7 +97,7 @@ def run_hf(args) -> dict:
 
 def bench_parser(doc: str, variants, prompt_tokens: int) -> argparse.ArgumentParser:
     """The options decode benchmarks share: models, variants, token counts, repeats."""
-    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
     ap.add_argument("--variants", default=",".join(variants))
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -106,10 +106,20 @@ def bench_parser(doc: str, variants, prompt_tokens: int) -> argparse.ArgumentPar
     return ap
 
 
+CHILD_FLAGS = ("--one", "--model", "--result", "--prompt-ids")
+
+
 def add_child_args(ap: argparse.ArgumentParser) -> None:
     """The hidden flags of a script's child mode (one variant per process)."""
-    for flag in ("--one", "--model", "--result", "--prompt-ids"):
+    for flag in CHILD_FLAGS:
         ap.add_argument(flag, help=argparse.SUPPRESS)
+
+
+def reject_child_args(ap: argparse.ArgumentParser, args) -> None:
+    """Outside child mode the hidden flags are a mistake (`--model` for `--models`): say so, do not ignore it."""
+    given = [f for f in CHILD_FLAGS if getattr(args, f[2:].replace("-", "_")) is not None]
+    if given:
+        ap.error(f"{', '.join(given)} is for the script's own child processes: pick models with --models")
 
 
 def chosen_variants(ap: argparse.ArgumentParser, spec: str, known) -> list[str]:
@@ -161,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.one:
         return child(args)
+    reject_child_args(ap, args)
 
     from transformers import AutoTokenizer
 

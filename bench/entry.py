@@ -20,8 +20,10 @@ def run_script(main: Callable[[], int | None]) -> None:
     except LeanLMError as e:
         sys.exit(f"{name}: error: {e}")
     except subprocess.CalledProcessError as e:
-        cmd = e.cmd if isinstance(e.cmd, str) else " ".join(str(c) for c in e.cmd[:5])
-        sys.exit(f"{name}: error: a step failed with status {e.returncode} (its message is above): {cmd} ...")
+        words = [e.cmd] if isinstance(e.cmd, str) else [str(c) for c in e.cmd]
+        cmd = " ".join(words[:5]) + (" ..." if len(words) > 5 else "")
+        sys.exit(f"{name}: error: a step failed with status {e.returncode} (its message is above): {cmd}")
     except KeyboardInterrupt:
-        sys.exit(f"{name}: interrupted")
+        print(f"{name}: interrupted", file=sys.stderr)
+        sys.exit(130)
     sys.exit(status or 0)

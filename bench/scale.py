@@ -57,7 +57,8 @@ def child(args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--layers", type=int, default=28)
     p.add_argument("--hidden", type=int, default=3072)
     p.add_argument("--intermediate", type=int, default=8192)
@@ -73,6 +74,9 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return child(args)
+    if args.model_dir or args.out:
+        p.error("--model-dir and --out are for the script's own child process: set the model's shape with "
+                "--layers, --hidden, --intermediate, --heads, --kv-heads")
 
     from leanlm.models import prepare, safetensors_header
     from leanlm.synthetic import write_random_llama

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from decode import (add_bounds, add_child_args, bench_parser, bracketed, chosen_variants, prompt_ids,  # noqa: E402
-                    report_header, spawn, table_title, write_report)
+                    reject_child_args, report_header, spawn, table_title, write_report)
 from workdir import work_dir  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.one:
         return child(args)
+    reject_child_args(ap, args)
 
     from transformers import AutoTokenizer
 

@@ -17,7 +17,7 @@ _spec.loader.exec_module(_entry)
 run_script = _entry.run_script
 
 
-def _exit_message(fn, monkeypatch) -> str:
+def _exit_message(fn, monkeypatch) -> str | int:
     monkeypatch.setattr(sys, "argv", ["bench/some.py"])
     with pytest.raises(SystemExit) as e:
         run_script(fn)
@@ -50,3 +50,11 @@ def test_a_real_script_with_a_bad_model_prints_one_line():
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("bench/qat_speed.py: error: model 'no-such-model'")
+
+
+@pytest.mark.parametrize("script, flag", [("decode.py", "--model"), ("speed.py", "--model"), ("scale.py", "--out")])
+def test_a_child_flag_from_the_user_is_an_error_not_ignored(script, flag):
+    # `--model` for `--models` used to be taken as the hidden child flag and the full default benchmark ran.
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), flag, "x"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "child process" in r.stderr.strip().splitlines()[-1]
